@@ -1,0 +1,1 @@
+"""Reading BIDS inputs, naming and writing BIDS(-Derivatives) files."""
