@@ -1,0 +1,78 @@
+"""NIfTI and sidecar I/O with atomic writes: a file exists under its final name only when complete."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import nibabel as nib
+import numpy as np
+
+
+@contextmanager
+def atomic_path(final_path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path next to ``final_path``; rename it into place only on success."""
+    final_path = Path(final_path)
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(final_path.suffixes)  # keep .nii.gz so writers pick the right format
+    handle, temp_name = tempfile.mkstemp(prefix=f".{final_path.name.split('.')[0]}.", suffix=f".part{suffix}",
+                                         dir=final_path.parent)
+    os.close(handle)
+    temp_path = Path(temp_name)
+    try:
+        yield temp_path
+        os.replace(temp_path, final_path)
+    finally:
+        if temp_path.exists():
+            temp_path.unlink()
+
+
+def save_nifti(data: np.ndarray, affine: np.ndarray, path: Path | str, *, dtype: Any = None,
+               header_updates: dict[str, Any] | None = None, xyzt_units: tuple[str, str] = ("mm", "sec")) -> Path:
+    """Write ``data`` (X, Y, Z[, T]) with a 4x4 ``affine`` (mm) atomically; sform and qform both set.
+
+    ``dtype`` selects the on-disk type (e.g. ``np.uint16``); values are rounded for integer types.
+    ``header_updates`` sets header fields such as ``pixdim`` entries via ``header[key] = value``.
+    """
+    array = np.asarray(data)
+    if dtype is not None and np.issubdtype(np.dtype(dtype), np.integer) and not np.issubdtype(array.dtype, np.integer):
+        info = np.iinfo(dtype)
+        array = np.clip(np.rint(array), info.min, info.max)
+    if dtype is not None:
+        array = array.astype(dtype)
+    image = nib.Nifti1Image(array, affine)
+    image.header.set_xyzt_units(*xyzt_units)
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    for key, value in (header_updates or {}).items():
+        image.header[key] = value
+    with atomic_path(path) as temp_path:
+        nib.save(image, temp_path)
+    return Path(path)
+
+
+def write_json(payload: dict[str, Any], path: Path | str) -> Path:
+    """Write a JSON sidecar atomically (sorted keys, 2-space indent, trailing newline)."""
+    with atomic_path(path) as temp_path:
+        temp_path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n")
+    return Path(path)
+
+
+def write_text(text: str, path: Path | str) -> Path:
+    """Write a text file atomically."""
+    with atomic_path(path) as temp_path:
+        temp_path.write_text(text)
+    return Path(path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
