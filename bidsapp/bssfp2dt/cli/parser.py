@@ -1,0 +1,173 @@
+"""The ``bssfp2dt`` command line (BIDS-Apps 1.0 with the NiPreps option names users know).
+
+Only the standard library is imported here, so ``--help`` and ``--version`` stay instant.
+Usage errors exit 64 (the BIDS execution spec reserves argparse's default 2).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import NoReturn, Sequence
+
+from bssfp2dt import __version__
+from bssfp2dt.errors import EXIT_USAGE
+
+PROGRAM = "bssfp2dt"
+ANALYSIS_LEVELS = ("participant", "group")
+INPUT_MODALITIES = ("pc-bssfp", "bssfp", "t1w", "dwi-tensor")
+TRAIN_STAGES = ("direct", "autoencoder", "head", "finetune")
+MODEL_SIZES = ("tiny", "small", "reference")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+_MEMORY_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_MEMORY_UNIT_MB = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 ** 2}
+
+
+class BidsAppArgumentParser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors exit with 64 (EX_USAGE) instead of 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def memory_mb(text: str) -> int:
+    """``'8G'``, ``'8GB'``, ``'8000M'``, ``'512MiB'`` -> megabytes (int). A bare number means GB (NiPreps)."""
+    match = _MEMORY_PATTERN.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size; use e.g. 8G, 8GB or 8000M")
+    value, unit = float(match.group(1)), (match.group(2) or "g").lower()
+    megabytes = int(round(value * _MEMORY_UNIT_MB[unit]))
+    if megabytes < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is less than 1 MB")
+    return megabytes
+
+
+def device_name(text: str) -> str:
+    """Accept ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (case-insensitive), returned lower-case."""
+    value = text.strip().lower()
+    if not DEVICE_PATTERN.match(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use auto, cpu, cuda or cuda:N")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (seeds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be non-negative")
+    return value
+
+
+def derivative_source(text: str) -> tuple[str, Path]:
+    """``NAME=PATH`` -> (name, path). A bare PATH is named after its folder."""
+    name, separator, path = text.partition("=")
+    if not separator:
+        name, path = Path(text).name, text
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=PATH")
+    return name, Path(path)
+
+
+def build_parser() -> BidsAppArgumentParser:
+    """The argparse parser of ``bssfp2dt bids_dir output_dir {participant,group} [options]``."""
+    parser = BidsAppArgumentParser(
+        prog=PROGRAM,
+        description="Diffusion tensor, FA, MD, AD, RD and colour-FA maps predicted from phase-cycled bSSFP "
+                    "(or T1w) MRI with a 3D conditional GAN, as a BIDS-App.",
+        epilog="Exit codes: 0 ok, 1 failure, 16 invalid BIDS, 17 unknown analysis level, 18 filters selected "
+               "no files, 64 usage error, 66 required input missing, 73 cannot create output.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("bids_dir", type=Path, help="root of the input BIDS dataset")
+    parser.add_argument("output_dir", type=Path, help="where the BIDS-Derivatives dataset is written")
+    # No argparse `choices` here: an unknown level has its own exit code (17), checked after parsing.
+    parser.add_argument("analysis_level", metavar="{participant,group}",
+                        help="participant: per-subject maps (or training with --train-stage); "
+                             "group: aggregate the participant results")
+    parser.add_argument("--version", action="version", version=f"{PROGRAM} {__version__}")
+    parser.add_argument("-v", "--verbose", dest="verbose", action="count", default=0,
+                        help="more log output (-v debug, -vv also tracebacks)")
+
+    selection = parser.add_argument_group("Selecting inputs")
+    selection.add_argument("--participant-label", "--participant_label", dest="participant_label",
+                           nargs="+", metavar="LABEL",
+                           help="subjects to process, with or without 'sub-', or a file with one label per "
+                                "line (default: all)")
+    selection.add_argument("--session-label", "--session_label", dest="session_label", nargs="+",
+                           metavar="LABEL", help="sessions to process, with or without 'ses-' (default: all)")
+    selection.add_argument("--bids-filter-file", "--bids_filter_file", dest="bids_filter_file", type=Path,
+                           metavar="FILE",
+                           help="JSON of pybids queries per input kind, merged over the defaults "
+                                "(null: entity must be absent, \"*\": any value)")
+    selection.add_argument("--derivatives", nargs="+", type=derivative_source, metavar="NAME=PATH",
+                           default=[], help="precomputed tissue probability maps / brain masks (e.g. sMRIPrep)")
+    selection.add_argument("--input-modality", "--input_modality", dest="input_modality",
+                           choices=INPUT_MODALITIES, default="pc-bssfp", help="which input the network reads")
+    selection.add_argument("--skip-bids-validation", "--skip_bids_validation", dest="skip_bids_validation",
+                           action="store_true", help="do not run the BIDS validator on bids_dir")
+
+    resources = parser.add_argument_group("Resources")
+    resources.add_argument("-w", "--work-dir", "--work_dir", dest="work_dir", type=Path,
+                           help="cache of intermediate results; reruns reuse finished steps "
+                                "(default: <tmp>/bssfp2dt_work)")
+    resources.add_argument("--nprocs", "--n-cpus", "--n_cpus", dest="nprocs", type=positive_int,
+                           help="processes in parallel (default: all CPUs)")
+    resources.add_argument("--omp-nthreads", "--omp_nthreads", dest="omp_nthreads", type=positive_int,
+                           help="threads per process (default: min(8, nprocs))")
+    resources.add_argument("--mem", "--mem-gb", "--mem_gb", dest="mem", type=memory_mb, metavar="SIZE",
+                           help="memory limit, e.g. 8G, 8GB or 8000M (a bare number is GB)")
+    resources.add_argument("--device", type=device_name, default="auto",
+                           help="auto, cpu, cuda or cuda:N")
+
+    model = parser.add_argument_group("Model and inference")
+    model.add_argument("--model", type=Path, metavar="PATH",
+                       help="checkpoint to use instead of the packaged model")
+    model.add_argument("--model-size", "--model_size", dest="model_size", choices=MODEL_SIZES,
+                       help="network width for training from scratch (default: from the checkpoint, "
+                            "else reference)")
+    model.add_argument("--patch-size", "--patch_size", dest="patch_size", type=positive_int, default=64,
+                       help="cubic patch edge in voxels (training and sliding-window inference)")
+    model.add_argument("--batch-size", "--batch_size", dest="batch_size", type=positive_int, default=1,
+                       help="patches per batch")
+    model.add_argument("--write-preproc", "--write_preproc", dest="write_preproc", action="store_true",
+                       help="also write the preprocessed network inputs")
+
+    training = parser.add_argument_group("Training (instead of inference)")
+    training.add_argument("--train-stage", "--train_stage", dest="train_stage", choices=TRAIN_STAGES,
+                          help="train this stage on the selected subjects instead of predicting")
+    training.add_argument("--init-checkpoint", "--init_checkpoint", dest="init_checkpoint", type=Path,
+                          metavar="PATH", help="checkpoint whose weights start the stage")
+    training.add_argument("--max-epochs", "--max_epochs", dest="max_epochs", type=positive_int, default=100,
+                          help="upper bound on epochs (early stopping may end sooner)")
+    training.add_argument("--seed", type=non_negative_int, default=0,
+                          help="seed of the train/validation/test split, sampling and initialisation")
+
+    run = parser.add_argument_group("Run control")
+    run.add_argument("--stop-on-first-crash", "--stop_on_first_crash", dest="stop_on_first_crash",
+                     action="store_true", help="abort at the first failing subject instead of continuing")
+    run.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                     help="validate, discover and print the per-subject inputs; write nothing")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` (default ``sys.argv[1:]``); usage errors raise ``SystemExit(64)``."""
+    return build_parser().parse_args(None if argv is None else list(argv))
+
+

@@ -1,0 +1,314 @@
+"""Tensor component orders and a vectorised eigen-decomposition of symmetric 3x3 diffusion tensors.
+
+Tensors are arrays of shape (..., 6) in BEP016 order D11, D12, D13, D22, D23, D33
+(= Dxx, Dxy, Dxz, Dyy, Dyz, Dzz), in mm^2/s. FSL's DTIFIT ``_tensor`` file uses the same order;
+dipy's ``lower_triangular`` order is Dxx, Dxy, Dyy, Dxz, Dyz, Dzz.
+
+Eigen-decomposition (``eigh_tensor``), float64 throughout:
+
+1. Eigenvalues by the trigonometric closed form of Smith (1961), Commun. ACM 4(4):168.
+   With q = trace/3, p = sqrt(sum((lambda_i - q)^2) / 6) and r = det(D - qI) / (2 p^3),
+   lambda_k = q + 2 p cos(arccos(r)/3 + 2 pi k/3), k = 0 (largest), 2 (smallest).
+2. The *isolated* eigenvalue (the one farther from the middle one: lambda_1 when arccos(r)/3 <= pi/6,
+   else lambda_3) is always at least sqrt(3) p away from the other two, so its eigenvector is well
+   conditioned: it is the largest of the three cross products of rows of (D - lambda I).
+   Its eigenvalue is then refined by the Rayleigh quotient v^T D v.
+3. The other two eigenpairs come from the 2x2 matrix of D restricted to the plane orthogonal to that
+   eigenvector (deflation), solved with the stable 2x2 formulas (hypot, atan2). So a pair of equal or
+   nearly equal eigenvalues (e.g. cylindrical tensors, lambda_2 = lambda_3) is handled accurately in
+   closed form; only its eigenvectors are arbitrary within their plane, as they are for any solver.
+4. Fallback criterion: voxels with p <= ``NEARLY_ISOTROPIC`` * ||D||_F (Frobenius norm), i.e. all three
+   eigenvalues nearly equal (FA = 3 p / ||D||_F <= 3e-6, including all-zero tensors), go to
+   ``numpy.linalg.eigh``: there r = det / p^3 divides rounding noise by p^3 and every eigen *vector*
+   is undefined anyway. Elsewhere the cross-product eigenvector error is about eps ||D|| / (sqrt(3) p)
+   <= 1e-10, and the eigenvalues agree with LAPACK to about eps ||D||.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: Relative anisotropy p / ||D||_F below which a voxel is solved with numpy.linalg.eigh.
+NEARLY_ISOTROPIC = 1e-6
+#: Smallest eigenvalue gap, relative to p, for eigenvectors by cross products; closer pairs use deflation.
+CLOSE_PAIR = 0.05
+#: Voxels per block of the closed form: blocks of this size keep the temporaries in cache.
+CHUNK_VOXELS = 8192
+
+# BEP016 component k -> (row, column) of the symmetric matrix.
+_BEP016_INDEX = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
+# Swapping components 2 and 3 maps BEP016 <-> dipy lower-triangular (the permutation is its own inverse).
+_BEP016_DIPY_PERMUTATION = [0, 1, 3, 2, 4, 5]
+
+
+def _check_six(tensor6: np.ndarray) -> np.ndarray:
+    tensor6 = np.asarray(tensor6)
+    if tensor6.shape[-1:] != (6,):
+        raise ValueError(f"expected a tensor array of shape (..., 6), got {tensor6.shape}")
+    return tensor6
+
+
+def bep016_to_dipy(tensor6: np.ndarray) -> np.ndarray:
+    """BEP016 (Dxx, Dxy, Dxz, Dyy, Dyz, Dzz) -> dipy lower-triangular (Dxx, Dxy, Dyy, Dxz, Dyz, Dzz); (..., 6)."""
+    return _check_six(tensor6)[..., _BEP016_DIPY_PERMUTATION]
+
+
+def dipy_to_bep016(lower_triangular: np.ndarray) -> np.ndarray:
+    """dipy lower-triangular (Dxx, Dxy, Dyy, Dxz, Dyz, Dzz) -> BEP016 (Dxx, Dxy, Dxz, Dyy, Dyz, Dzz); (..., 6)."""
+    return _check_six(lower_triangular)[..., _BEP016_DIPY_PERMUTATION]
+
+
+def bep016_to_fsl(tensor6: np.ndarray) -> np.ndarray:
+    """BEP016 -> FSL DTIFIT tensor order; the orders are identical, so this is a copy; (..., 6)."""
+    return np.array(_check_six(tensor6), copy=True)
+
+
+def fsl_to_bep016(tensor6: np.ndarray) -> np.ndarray:
+    """FSL DTIFIT tensor order -> BEP016; the orders are identical, so this is a copy; (..., 6)."""
+    return np.array(_check_six(tensor6), copy=True)
+
+
+def bep016_to_matrix(tensor6: np.ndarray) -> np.ndarray:
+    """BEP016 components (..., 6) -> symmetric matrices (..., 3, 3), same dtype and units."""
+    tensor6 = _check_six(tensor6)
+    matrix = np.empty(tensor6.shape[:-1] + (3, 3), dtype=tensor6.dtype)
+    for component, (row, column) in enumerate(_BEP016_INDEX):
+        matrix[..., row, column] = tensor6[..., component]
+        matrix[..., column, row] = tensor6[..., component]
+    return matrix
+
+
+def matrix_to_bep016(matrix: np.ndarray) -> np.ndarray:
+    """Symmetric matrices (..., 3, 3) -> BEP016 components (..., 6), averaging the two off-diagonal halves."""
+    matrix = np.asarray(matrix)
+    if matrix.shape[-2:] != (3, 3):
+        raise ValueError(f"expected matrices of shape (..., 3, 3), got {matrix.shape}")
+    return np.stack([0.5 * (matrix[..., row, column] + matrix[..., column, row])
+                     for row, column in _BEP016_INDEX], axis=-1)
+
+
+def valid_voxels(tensor6: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Flat indices (int64) of voxels inside ``mask`` (shape ``tensor6.shape[:-1]``) with all components finite."""
+    tensor6 = _check_six(tensor6)
+    batch_shape = tensor6.shape[:-1]
+    valid = np.isfinite(tensor6.reshape(-1, 6)).all(axis=1)
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != batch_shape:
+            raise ValueError(f"mask shape {mask.shape} does not match tensor shape {batch_shape}")
+        valid &= mask.reshape(-1)
+    return np.flatnonzero(valid)
+
+
+def planar_blocks(tensor6: np.ndarray, voxels: np.ndarray, block: int = CHUNK_VOXELS):
+    """Yield (flat voxel indices (V,), components (6, V) contiguous float64) in blocks of ``block`` voxels."""
+    flat = _check_six(tensor6).reshape(-1, 6)
+    for start in range(0, voxels.size, block):
+        index = voxels[start:start + block]
+        yield index, np.ascontiguousarray(flat[index].T, dtype=np.float64)
+
+
+def eigh_tensor(tensor6: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues and eigenvectors of symmetric tensors given as BEP016 components.
+
+    Parameters
+    ----------
+    tensor6 : (..., 6) BEP016 components (any float dtype; computed in float64), e.g. mm^2/s.
+    mask : (...) bool, optional; voxels outside it are not computed.
+
+    Returns
+    -------
+    evals : (..., 3) float64, eigenvalues sorted descending, same units as the tensor; not clipped.
+    evecs : (..., 3, 3) float64, unit eigenvectors as columns: ``evecs[..., :, j]`` belongs to
+        ``evals[..., j]``; each vector's sign is arbitrary.
+    Voxels outside ``mask`` or with any non-finite component get zero eigenvalues and zero vectors.
+    """
+    tensor6 = _check_six(tensor6)
+    batch_shape = tensor6.shape[:-1]
+    evals = np.zeros((int(np.prod(batch_shape)), 3))
+    evecs = np.zeros((evals.shape[0], 3, 3))
+    for index, components in planar_blocks(tensor6, valid_voxels(tensor6, mask)):
+        values, vectors = eigen_planar(components)
+        evals[index] = values.T
+        evecs[index] = vectors.transpose(2, 0, 1)
+    return evals.reshape(batch_shape + (3,)), evecs.reshape(batch_shape + (3, 3))
+
+
+def eigen_planar(components: np.ndarray, first_vector_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Eigen-decomposition of finite tensors in planar layout (the building block of ``eigh_tensor``).
+
+    Parameters
+    ----------
+    components : (6, V) float64 contiguous, BEP016 order, finite.
+    first_vector_only : return only the principal eigenvector (less work).
+
+    Returns
+    -------
+    evals : (3, V), descending.
+    evecs : (3, 3, V) with ``evecs[i, j]`` = component i of eigenvector j, or (3, 1, V) with only V1.
+    """
+    dxx, dxy, dxz, dyy, dyz, dzz = components
+    q = (dxx + dyy + dzz) / 3.0
+    axx, ayy, azz = dxx - q, dyy - q, dzz - q
+    off_diagonal_sq = dxy * dxy + dxz * dxz + dyz * dyz
+    p_sq = (axx * axx + ayy * ayy + azz * azz + 2.0 * off_diagonal_sq) / 6.0
+    frobenius_sq = dxx * dxx + dyy * dyy + dzz * dzz + 2.0 * off_diagonal_sq
+    isotropic = p_sq <= (NEARLY_ISOTROPIC * NEARLY_ISOTROPIC) * frobenius_sq
+    n_vectors = 1 if first_vector_only else 3
+    if not isotropic.any():
+        return _closed_form(components, q, axx, ayy, azz, np.sqrt(p_sq), n_vectors)
+
+    evals = np.empty((3, components.shape[1]))
+    evecs = np.empty((3, n_vectors, components.shape[1]))
+    evals[:, isotropic], evecs[:, :, isotropic] = _lapack(components[:, isotropic], n_vectors)
+    solve = ~isotropic
+    if solve.any():
+        evals[:, solve], evecs[:, :, solve] = _closed_form(
+            np.ascontiguousarray(components[:, solve]), q[solve], axx[solve], ayy[solve], azz[solve],
+            np.sqrt(p_sq[solve]), n_vectors)
+    return evals, evecs
+
+
+def _lapack(components: np.ndarray, n_vectors: int) -> tuple[np.ndarray, np.ndarray]:
+    """numpy.linalg.eigh on (6, V) planar tensors -> descending (3, V), (3, n_vectors, V)."""
+    values, vectors = np.linalg.eigh(bep016_to_matrix(components.T))
+    return values[:, ::-1].T, vectors[:, :, ::-1][:, :, :n_vectors].transpose(1, 2, 0)
+
+
+def _closed_form(components, q, axx, ayy, azz, p, n_vectors):
+    """Smith's eigenvalues; eigenvectors by cross products, or by deflation where two eigenvalues are close."""
+    dxx, dxy, dxz, dyy, dyz, dzz = components
+    det = axx * (ayy * azz - dyz * dyz) - dxy * (dxy * azz - dyz * dxz) + dxz * (dxy * dyz - ayy * dxz)
+    phi = np.arccos(np.minimum(np.maximum(det / (2.0 * p * p * p), -1.0), 1.0)) / 3.0
+    evals = np.empty((3, components.shape[1]))
+    cos_phi = np.cos(phi)
+    # cos(phi + 2 pi/3) = -(cos phi + sqrt(3) sin phi) / 2 with sin phi >= 0 on [0, pi/3]: saves a cos; the
+    # sqrt loses accuracy only for phi ~ 0, i.e. lambda_2 ~ lambda_3, which _deflated recomputes.
+    sin_phi = np.sqrt(np.maximum(1.0 - cos_phi * cos_phi, 0.0))
+    evals[0] = q + 2.0 * p * cos_phi
+    evals[2] = q - p * (cos_phi + np.sqrt(3.0) * sin_phi)
+    evals[1] = 3.0 * q - evals[0] - evals[2]
+    close_pair = np.minimum(evals[0] - evals[1], evals[1] - evals[2]) < CLOSE_PAIR * p
+
+    evecs = np.empty((3, n_vectors, components.shape[1]))
+    if close_pair.any():
+        evals[:, close_pair], evecs[:, :, close_pair] = _deflated(
+            np.ascontiguousarray(components[:, close_pair]), evals[:, close_pair], phi[close_pair], n_vectors)
+        separated = ~close_pair
+        components, evals_separated = np.ascontiguousarray(components[:, separated]), evals[:, separated]
+        evecs[:, :, separated] = _separated_vectors(components, evals_separated, n_vectors)
+    else:
+        evecs[:] = _separated_vectors(components, evals, n_vectors)
+    return evals, evecs
+
+
+def _separated_vectors(components, evals, n_vectors):
+    """Eigenvectors (3, n_vectors, V) for well separated eigenvalues (3, V): null vectors of D - lambda I."""
+    dxx, dxy, dxz, dyy, dyz, dzz = components
+    evecs = np.empty((3, n_vectors, components.shape[1]))
+    first = _null_vector(dxx - evals[0], dxy, dxz, dyy - evals[0], dyz, dzz - evals[0])
+    for i in range(3):
+        evecs[i, 0] = first[i]
+    if n_vectors == 3:
+        third = _null_vector(dxx - evals[2], dxy, dxz, dyy - evals[2], dyz, dzz - evals[2])
+        second = np.cross(np.stack(third), np.stack(first), axis=0)  # right-handed (v1, v2, v3)
+        evecs[:, 1] = second
+        for i in range(3):
+            evecs[i, 2] = third[i]
+    return evecs
+
+
+def _deflated(components, evals, phi, n_vectors):
+    """Eigenpairs where two eigenvalues are close: (6, V), Smith's (3, V), phi (V,) -> (3, V), (3, n, V).
+
+    The isolated eigenvector comes from the cross products, the close pair from the 2x2 problem on the
+    orthogonal plane, whose stable formulas keep both eigenvalues and vectors accurate even when equal.
+    """
+    largest_isolated = phi <= np.pi / 6.0
+    isolated_value = np.where(largest_isolated, evals[0], evals[2])
+    dxx, dxy, dxz, dyy, dyz, dzz = components
+    vx, vy, vz = _null_vector(dxx - isolated_value, dxy, dxz, dyy - isolated_value, dyz, dzz - isolated_value)
+    isolated_value = _quadratic_form(components, vx, vy, vz, vx, vy, vz)  # Rayleigh quotient: 2nd-order exact
+
+    (ux, uy, uz), (wx, wy, wz) = _orthonormal_complement(vx, vy, vz)
+    m_uu = _quadratic_form(components, ux, uy, uz, ux, uy, uz)
+    m_uw = _quadratic_form(components, ux, uy, uz, wx, wy, wz)
+    m_ww = _quadratic_form(components, wx, wy, wz, wx, wy, wz)
+    half_sum = 0.5 * (m_uu + m_ww)
+    half_difference = 0.5 * (m_uu - m_ww)
+    radius = np.sqrt(half_difference * half_difference + m_uw * m_uw)  # np.hypot is ~10x slower
+    cos_a, sin_a = _upper_eigenvector_2x2(half_difference, m_uw, radius)
+    upper = (cos_a * ux + sin_a * wx, cos_a * uy + sin_a * wy, cos_a * uz + sin_a * wz)  # of half_sum + radius
+
+    evals = np.empty_like(evals)
+    evals[0] = np.where(largest_isolated, isolated_value, half_sum + radius)
+    evals[1] = np.where(largest_isolated, half_sum + radius, half_sum - radius)
+    evals[2] = np.where(largest_isolated, half_sum - radius, isolated_value)
+    isolated = (vx, vy, vz)
+    evecs = np.empty((3, n_vectors, components.shape[1]))
+    for i in range(3):
+        evecs[i, 0] = np.where(largest_isolated, isolated[i], upper[i])
+    if n_vectors == 3:
+        lower = (cos_a * wx - sin_a * ux, cos_a * wy - sin_a * uy, cos_a * wz - sin_a * uz)
+        for i in range(3):
+            evecs[i, 1] = np.where(largest_isolated, upper[i], lower[i])
+            evecs[i, 2] = np.where(largest_isolated, lower[i], isolated[i])
+    return evals, evecs
+
+
+def _upper_eigenvector_2x2(half_difference, off_diagonal, radius):
+    """Unit eigenvector (c, s) of [[h + m, b], [b, m - h]] for its larger eigenvalue m + radius.
+
+    (radius + |h|, b) or (b, radius + |h|), whichever avoids cancellation; (1, 0) if the matrix is scalar.
+    """
+    longer = radius + np.abs(half_difference)
+    longer += longer == 0.0  # scalar 2x2 block: any vector is an eigenvector
+    norm = np.sqrt(longer * longer + off_diagonal * off_diagonal)
+    first = half_difference >= 0.0
+    return np.where(first, longer, off_diagonal) / norm, np.where(first, off_diagonal, longer) / norm
+
+
+def _null_vector(mxx, mxy, mxz, myy, myz, mzz):
+    """Unit null vector (x, y, z), each (V,), of rank-2 symmetric matrices M.
+
+    The columns of adj(M) are the cross products of pairs of rows of M, all parallel to the null vector;
+    the longest one is the most accurate.
+    """
+    a_xx = myy * mzz - myz * myz
+    a_xy = mxz * myz - mxy * mzz
+    a_xz = mxy * myz - mxz * myy
+    a_yy = mxx * mzz - mxz * mxz
+    a_yz = mxy * mxz - mxx * myz
+    a_zz = mxx * myy - mxy * mxy
+    # adj(M) = kappa v v^T: the column with the largest diagonal entry is the longest.
+    abs_xx, abs_yy, abs_zz = np.abs(a_xx), np.abs(a_yy), np.abs(a_zz)
+    pick_x = (abs_xx >= abs_yy) & (abs_xx >= abs_zz)
+    pick_y = ~pick_x & (abs_yy >= abs_zz)
+    vx = np.where(pick_x, a_xx, np.where(pick_y, a_xy, a_xz))
+    vy = np.where(pick_x, a_xy, np.where(pick_y, a_yy, a_yz))
+    vz = np.where(pick_x, a_xz, np.where(pick_y, a_yz, a_zz))
+    scale = 1.0 / np.sqrt(vx * vx + vy * vy + vz * vz)
+    vx *= scale
+    vy *= scale
+    vz *= scale
+    return vx, vy, vz
+
+
+def _orthonormal_complement(vx, vy, vz):
+    """Two unit vectors ((x, y, z), (x, y, z)) spanning the plane orthogonal to unit v (Duff et al. 2017)."""
+    sign = np.copysign(1.0, vz)
+    a = -1.0 / (sign + vz)
+    b = vx * vy * a
+    u = (1.0 + sign * vx * vx * a, sign * b, -sign * vx)
+    w = (b, sign + vy * vy * a, -vy)
+    return u, w
+
+
+def _quadratic_form(components, lx, ly, lz, rx, ry, rz):
+    """l^T D r for (6, V) BEP016 tensors and vectors given by their (V,) components -> (V,)."""
+    dxx, dxy, dxz, dyy, dyz, dzz = components
+    return (lx * (dxx * rx + dxy * ry + dxz * rz) + ly * (dxy * rx + dyy * ry + dyz * rz)
+            + lz * (dxz * rx + dyz * ry + dzz * rz))

@@ -1,0 +1,579 @@
+"""BIDS input discovery: pybids queries -> typed, frozen, checked inputs per subject and session.
+
+The only module that imports pybids (lazily, so importing the dataclasses stays cheap). Every file
+that will be used is checked here (readable NIfTI, matching grids, cycle count, phase units, b-value
+and b-vector counts), so that the pipelines never meet an unusable input after writing has begun.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from bssfp2dt.errors import MissingInputError, NoFilesSelectedError, UsageError
+
+if TYPE_CHECKING:
+    from bids import BIDSLayout
+
+    from bssfp2dt.config import Config
+
+logger = logging.getLogger(__name__)
+
+N_PHASE_CYCLES = 12
+SCANNER_PHASE_MAX = 4095  # 12-bit scanner phase, rescaled to [-pi, pi] downstream
+PHASE_UNITS = ("rad", "arbitrary")
+TISSUE_LABELS = ("GM", "WM", "CSF")
+_NIFTI = [".nii.gz", ".nii"]
+# Radians written as float32 may overshoot pi by a rounding step.
+_PI_TOLERANCE = 1e-4
+
+# bids-conventions.md section 2; merged with --bids-filter-file (None: entity absent, "*": any).
+DEFAULT_QUERIES: dict[str, dict[str, Any]] = {
+    "bssfp_mag": {"datatype": "anat", "suffix": "T2w", "acquisition": "pcbssfp", "part": "mag",
+                  "extension": _NIFTI},
+    "bssfp_phase": {"datatype": "anat", "suffix": "T2w", "acquisition": "pcbssfp", "part": "phase",
+                    "extension": _NIFTI},
+    "t1w": {"datatype": "anat", "suffix": "T1w", "part": None, "extension": _NIFTI},
+    "dwi": {"datatype": "dwi", "suffix": "dwi", "part": None, "extension": _NIFTI},
+    "fmap_epi": {"datatype": "fmap", "suffix": "epi", "direction": "*", "extension": _NIFTI},
+    "probseg": {"datatype": "anat", "suffix": "probseg", "label": list(TISSUE_LABELS), "space": None,
+                "extension": _NIFTI},
+    "brain_mask": {"datatype": "anat", "suffix": "mask", "space": None, "extension": _NIFTI},
+}
+_RAW_KINDS = ("bssfp_mag", "bssfp_phase", "t1w", "dwi", "fmap_epi")
+_DERIVATIVE_KINDS = ("probseg", "brain_mask")
+
+
+# --------------------------------------------------------------------------- typed inputs
+@dataclass(frozen=True)
+class BssfpInput:
+    """Phase-cycled bSSFP: magnitude and phase, each X x Y x Z x cycles on the same grid.
+
+    ``phase_units``: ``"rad"`` (values in [-pi, pi]) or ``"arbitrary"`` (scanner integers 0..4095).
+    Times in seconds, angles in degrees, field in tesla (None when the sidecar lacks them).
+    """
+
+    magnitude: Path
+    phase: Path
+    phase_units: str
+    phase_increments_deg: tuple[float, ...]
+    shape: tuple[int, ...]
+    voxel_size_mm: tuple[float, ...]
+    repetition_time_s: float | None = None
+    echo_time_s: float | None = None
+    flip_angle_deg: float | None = None
+    field_strength_t: float | None = None
+
+    @property
+    def n_cycles(self) -> int:
+        return self.shape[3]
+
+
+@dataclass(frozen=True)
+class T1wInput:
+    """A T1-weighted image (X x Y x Z); ``session`` is where it was found, maybe not the bSSFP's."""
+
+    image: Path
+    session: str | None
+    shape: tuple[int, ...]
+    voxel_size_mm: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class DwiInput:
+    """DWI series (X x Y x Z x N) with N b-values (s/mm^2) and unit b-vectors (3 x N in the file).
+
+    ``reverse_pe_b0``: an ``fmap/*_dir-<X>_epi`` image with the opposite phase encoding (for TOPUP).
+    """
+
+    image: Path
+    bval: Path
+    bvec: Path
+    b_values: tuple[float, ...]
+    shape: tuple[int, ...]
+    voxel_size_mm: tuple[float, ...]
+    phase_encoding_direction: str | None = None
+    total_readout_time_s: float | None = None
+    reverse_pe_b0: Path | None = None
+
+    @property
+    def n_volumes(self) -> int:
+        return self.shape[3]
+
+
+@dataclass(frozen=True)
+class TissuePriors:
+    """Precomputed tissue probability maps (0..1) and brain mask from ``--derivatives`` datasets."""
+
+    gm: Path | None = None
+    wm: Path | None = None
+    csf: Path | None = None
+    brain_mask: Path | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not any((self.gm, self.wm, self.csf, self.brain_mask))
+
+
+@dataclass(frozen=True)
+class SessionInputs:
+    """Everything found for one subject and session (``session`` None in datasets without sessions)."""
+
+    subject: str
+    session: str | None
+    bssfp: BssfpInput | None = None
+    t1w: T1wInput | None = None
+    dwi: DwiInput | None = None
+    priors: TissuePriors = TissuePriors()
+
+    def describe(self) -> str:
+        """Multi-line human-readable summary (for ``--dry-run``)."""
+        lines = [f"sub-{self.subject}" + (f" ses-{self.session}" if self.session else "")]
+        if self.bssfp:
+            lines.append(f"  bSSFP magnitude: {self.bssfp.magnitude}")
+            lines.append(f"  bSSFP phase:     {self.bssfp.phase} ({self.bssfp.n_cycles} cycles, "
+                         f"units {self.bssfp.phase_units})")
+        if self.t1w:
+            lines.append(f"  T1w:             {self.t1w.image}")
+        if self.dwi:
+            lines.append(f"  DWI:             {self.dwi.image} ({self.dwi.n_volumes} volumes)")
+            if self.dwi.reverse_pe_b0:
+                lines.append(f"  reverse-PE b0:   {self.dwi.reverse_pe_b0}")
+        for name in ("gm", "wm", "csf", "brain_mask"):
+            value = getattr(self.priors, name)
+            if value:
+                lines.append(f"  {name + ':':<16} {value}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SubjectInputs:
+    """All selected sessions of one subject."""
+
+    subject: str
+    sessions: tuple[SessionInputs, ...]
+
+
+# --------------------------------------------------------------------------- layouts
+def raw_layout(bids_dir: Path, subjects: Sequence[str] = ()) -> "BIDSLayout":
+    """Index ``bids_dir`` without validation, skipping folders and subjects that are not needed."""
+    from bids import BIDSLayout, BIDSLayoutIndexer
+
+    ignore: list[Any] = ["code", "stimuli", "sourcedata", "models", "derivatives", re.compile(r"^/\.")]
+    if subjects:
+        wanted = "|".join(re.escape(label) for label in subjects)
+        ignore.append(re.compile(rf"^/sub-(?!({wanted})(/|$))"))
+    indexer = BIDSLayoutIndexer(validate=False, ignore=ignore, index_metadata=True)
+    return BIDSLayout(str(bids_dir), validate=False, indexer=indexer)
+
+
+def derivatives_layout(path: Path) -> "BIDSLayout":
+    """Index a derivatives dataset (sMRIPrep / fMRIPrep outputs) for the tissue priors."""
+    from bids import BIDSLayout
+
+    return BIDSLayout(str(path), validate=False, config=["bids", "derivatives"], index_metadata=False)
+
+
+def list_subjects(bids_dir: Path) -> tuple[str, ...]:
+    """Subject labels of the dataset, from the ``sub-*`` folders (sorted)."""
+    return tuple(sorted(folder.name[4:] for folder in Path(bids_dir).glob("sub-*") if folder.is_dir()))
+
+
+def select_subjects(available: Sequence[str], requested: Sequence[str], bids_dir: Path) -> tuple[str, ...]:
+    """The requested labels (all when empty); unknown labels are listed in the error (exit 18)."""
+    if not available:
+        raise NoFilesSelectedError(f"bids_dir {bids_dir} has no sub-* folders; check the dataset")
+    if not requested:
+        return tuple(available)
+    unknown = [label for label in requested if label not in available]
+    if unknown:
+        raise NoFilesSelectedError(
+            f"--participant-label: no subject {', '.join('sub-' + u for u in unknown)} in {bids_dir}; "
+            f"available: {', '.join(available)}")
+    return tuple(requested)
+
+
+def to_pybids(query: Mapping[str, Any]) -> dict[str, Any]:
+    """Translate the filter-file conventions to pybids: None -> Query.NONE, ``"*"`` -> Query.ANY."""
+    from bids.layout import Query
+
+    translated = {}
+    for entity, value in query.items():
+        if value is None:
+            translated[entity] = Query.NONE
+        elif value == "*":
+            translated[entity] = Query.ANY
+        else:
+            translated[entity] = value
+    return translated
+
+
+# --------------------------------------------------------------------------- discovery
+def discover(config: "Config") -> tuple[SubjectInputs, ...]:
+    """Find and check the inputs of every selected subject and session.
+
+    Raises :class:`NoFilesSelectedError` (18) when labels or the filter file select nothing and
+    :class:`MissingInputError` (66) when a found file is unusable.
+    """
+    bids_dir = config.paths.bids_dir
+    subjects = select_subjects(list_subjects(bids_dir), config.selection.participant_labels, bids_dir)
+    layout = raw_layout(bids_dir, subjects)
+    queries = {kind: to_pybids(query) for kind, query in config.selection.queries.items()}
+    priors_layouts = [(source.name, derivatives_layout(source.path)) for source in config.paths.derivatives]
+    kinds = needed_kinds(config.selection.input_modality)
+    sessions_by_subject = _select_sessions(layout, subjects, config.selection.session_labels)
+    found = tuple(
+        SubjectInputs(subject=subject, sessions=tuple(
+            _session_inputs(layout, priors_layouts, queries, kinds, subject, session)
+            for session in sessions_by_subject[subject]))
+        for subject in subjects)
+    if config.paths.bids_filter_file is not None:
+        _check_filters_matched(found, layout, priors_layouts, queries, subjects, config)
+    return found
+
+
+def needed_kinds(input_modality: str) -> frozenset[str]:
+    """Input kinds read for a modality; DWI is always read when present (reference / training target)."""
+    kinds = {"t1w", "dwi", "fmap_epi", "probseg", "brain_mask"}
+    if input_modality in ("pc-bssfp", "bssfp"):
+        kinds |= {"bssfp_mag", "bssfp_phase"}
+    return frozenset(kinds)
+
+
+def require_inputs(subjects: Iterable[SubjectInputs], input_modality: str, training: bool) -> None:
+    """Every subject needs its modality's input and a T1w (outputs live in T1w space); training also DWI.
+
+    Raises :class:`MissingInputError` naming the subject and what it lacks.
+    """
+    for subject in subjects:
+        sessions = subject.sessions
+        where = f"sub-{subject.subject}"
+        if input_modality in ("pc-bssfp", "bssfp") and not any(s.bssfp for s in sessions):
+            raise MissingInputError(
+                f"{where} has no pc-bSSFP magnitude+phase (anat/*_acq-pcbssfp_part-mag_T2w.nii.gz); add it, "
+                "drop the subject with --participant-label, or use --input-modality t1w")
+        if not any(s.t1w for s in sessions):
+            raise MissingInputError(f"{where} has no T1w (anat/*_T1w.nii.gz), which defines the output space; "
+                                    "add one or drop the subject with --participant-label")
+        if (input_modality == "dwi-tensor" or training) and not any(s.dwi for s in sessions):
+            raise MissingInputError(f"{where} has no DWI (dwi/*_dwi.nii.gz), needed for "
+                                    f"{'training' if training else '--input-modality dwi-tensor'}; "
+                                    "add it or drop the subject with --participant-label")
+
+
+def _select_sessions(layout: "BIDSLayout", subjects: Sequence[str],
+                     requested: Sequence[str]) -> dict[str, tuple[str | None, ...]]:
+    by_subject: dict[str, tuple[str | None, ...]] = {}
+    for subject in subjects:
+        sessions = tuple(sorted(layout.get_sessions(subject=subject))) or (None,)
+        if requested:
+            sessions = tuple(s for s in sessions if s in requested)
+        by_subject[subject] = sessions
+    if requested:
+        seen = {s for sessions in by_subject.values() for s in sessions}
+        unknown = [label for label in requested if label not in seen]
+        if unknown:
+            raise NoFilesSelectedError(f"--session-label: no session {', '.join('ses-' + u for u in unknown)} in "
+                                       f"the selected subjects; check the labels")
+    return by_subject
+
+
+def _get(layout: "BIDSLayout", query: Mapping[str, Any], subject: str, session: str | None) -> list[Path]:
+    from bids.layout import Query
+
+    files = layout.get(return_type="filename", subject=subject,
+                       session=session if session is not None else Query.NONE, **query)
+    return sorted(Path(name) for name in files)
+
+
+def _session_inputs(layout: "BIDSLayout", priors_layouts: list[tuple[str, "BIDSLayout"]],
+                    queries: Mapping[str, Mapping[str, Any]], kinds: frozenset[str],
+                    subject: str, session: str | None) -> SessionInputs:
+    where = f"sub-{subject}" + (f" ses-{session}" if session else "")
+    bssfp = _bssfp(layout, queries, subject, session, where) if "bssfp_mag" in kinds else None
+    dwi = _dwi(layout, queries, subject, session, where)
+    t1w = _t1w(layout, queries["t1w"], subject, session, where)
+    priors = _priors(priors_layouts, queries, subject, session)
+    return SessionInputs(subject=subject, session=session, bssfp=bssfp, t1w=t1w, dwi=dwi, priors=priors)
+
+
+def _single(files: list[Path], what: str, where: str) -> Path | None:
+    if len(files) > 1:
+        names = ", ".join(f.name for f in files)
+        raise UsageError(f"{where}: several {what} match ({names}); select one with --bids-filter-file")
+    return files[0] if files else None
+
+
+def _bssfp(layout: "BIDSLayout", queries: Mapping[str, Mapping[str, Any]], subject: str,
+           session: str | None, where: str) -> BssfpInput | None:
+    magnitude = _single(_get(layout, queries["bssfp_mag"], subject, session), "bSSFP magnitude series", where)
+    phase = _single(_get(layout, queries["bssfp_phase"], subject, session), "bSSFP phase series", where)
+    if magnitude is None and phase is None:
+        return None
+    if phase is None:
+        raise MissingInputError(f"bSSFP magnitude {magnitude} has no phase series (part-phase) on the same "
+                                "grid; add it or use --input-modality t1w")
+    if magnitude is None:
+        raise MissingInputError(f"bSSFP phase {phase} has no magnitude series (part-mag); add it or use "
+                                "--input-modality t1w")
+    mag_header = read_nifti_header(magnitude)
+    phase_header = read_nifti_header(phase)
+    check_same_grid(magnitude, mag_header, phase, phase_header)
+    shape = tuple(int(n) for n in mag_header.get_data_shape())
+    mag_meta = layout.get_metadata(str(magnitude))
+    phase_meta = layout.get_metadata(str(phase))
+    increments = phase_increments(magnitude, shape, mag_meta, phase, phase_meta)
+    return BssfpInput(
+        magnitude=magnitude, phase=phase, phase_units=phase_units(phase, phase_meta),
+        phase_increments_deg=increments, shape=shape,
+        voxel_size_mm=tuple(float(v) for v in mag_header.get_zooms()[:3]),
+        repetition_time_s=_float(mag_meta.get("RepetitionTime")), echo_time_s=_float(mag_meta.get("EchoTime")),
+        flip_angle_deg=_float(mag_meta.get("FlipAngle")),
+        field_strength_t=_float(mag_meta.get("MagneticFieldStrength")))
+
+
+def phase_increments(magnitude: Path, shape: tuple[int, ...], mag_meta: Mapping[str, Any], phase: Path,
+                     phase_meta: Mapping[str, Any]) -> tuple[float, ...]:
+    """The RF phase increments (degrees, one per volume), checked against the 4th dimension (12 cycles).
+
+    Without a ``PhaseIncrements`` sidecar field, evenly spaced increments 360 k / N are assumed.
+    """
+    if len(shape) != 4 or shape[3] != N_PHASE_CYCLES:
+        cycles = shape[3] if len(shape) == 4 else 1
+        raise MissingInputError(f"bSSFP magnitude {magnitude} has {cycles} volume(s); {N_PHASE_CYCLES} phase "
+                                "cycles are required (4D: x, y, z, cycle)")
+    listed = [meta["PhaseIncrements"] for meta in (mag_meta, phase_meta) if "PhaseIncrements" in meta]
+    if not listed:
+        logger.warning("%s: no PhaseIncrements in the sidecar; assuming 0, 30, ..., 330 degrees", magnitude.name)
+        return tuple(360.0 * k / shape[3] for k in range(shape[3]))
+    for values, source in zip(listed, (magnitude, phase)):
+        if not isinstance(values, list) or len(values) != shape[3]:
+            count = len(values) if isinstance(values, list) else "no list of"
+            raise MissingInputError(f"{source}: the sidecar lists {count} PhaseIncrements but the series has "
+                                    f"{shape[3]} volumes; fix the sidecar")
+    if len(listed) == 2 and not np.allclose(listed[0], listed[1]):
+        raise MissingInputError(f"bSSFP magnitude {magnitude} and phase {phase} list different PhaseIncrements; "
+                                "fix the sidecars")
+    return tuple(float(v) for v in listed[0])
+
+
+def phase_units(phase: Path, meta: Mapping[str, Any]) -> str:
+    """``"rad"`` or ``"arbitrary"`` from the sidecar ``Units``, else from the value range of the data."""
+    units = meta.get("Units")
+    if units is not None:
+        if units not in PHASE_UNITS:
+            raise MissingInputError(f"bSSFP phase {phase}: sidecar Units {units!r} is not 'rad' or 'arbitrary'; "
+                                    "fix the sidecar")
+        return units
+    import nibabel as nib
+
+    detected = detect_phase_units(np.asanyarray(nib.load(str(phase)).dataobj))
+    if detected is None:
+        raise MissingInputError(f"bSSFP phase {phase}: cannot tell the units (values neither within [-pi, pi] "
+                                "nor integers 0..4095); set \"Units\" to \"rad\" or \"arbitrary\" in its sidecar")
+    logger.info("%s: phase units detected from the values: %s", phase.name, detected)
+    return detected
+
+
+def detect_phase_units(data: np.ndarray) -> str | None:
+    """``"rad"`` if every value lies in [-pi, pi]; ``"arbitrary"`` for integers in 0..4095; else None."""
+    values = np.asarray(data)
+    if values.size == 0 or not np.all(np.isfinite(values)):
+        return None
+    low, high = float(values.min()), float(values.max())
+    if low >= -np.pi - _PI_TOLERANCE and high <= np.pi + _PI_TOLERANCE:
+        return "rad"
+    if low >= 0 and high <= SCANNER_PHASE_MAX and np.all(values == np.round(values)):
+        return "arbitrary"
+    return None
+
+
+def _t1w(layout: "BIDSLayout", query: Mapping[str, Any], subject: str, session: str | None,
+         where: str) -> T1wInput | None:
+    """The session's own T1w, else the subject's T1w from another session (one per subject is normal)."""
+    same_session = _get(layout, query, subject, session)
+    if same_session:
+        image, found_in = same_session[0], session
+    else:
+        any_session = sorted(Path(f) for f in layout.get(return_type="filename", subject=subject, **query))
+        if not any_session:
+            return None
+        image = any_session[0]
+        found_in = layout.parse_file_entities(str(image)).get("session")
+        logger.debug("%s: using the T1w of session %s", where, found_in)
+    if len(same_session) > 1:
+        logger.info("%s: %d T1w images match; using %s", where, len(same_session), image.name)
+    header = read_nifti_header(image)
+    return T1wInput(image=image, session=found_in, shape=tuple(int(n) for n in header.get_data_shape()),
+                    voxel_size_mm=tuple(float(v) for v in header.get_zooms()[:3]))
+
+
+def _dwi(layout: "BIDSLayout", queries: Mapping[str, Mapping[str, Any]], subject: str, session: str | None,
+         where: str) -> DwiInput | None:
+    image = _single(_get(layout, queries["dwi"], subject, session), "DWI series", where)
+    if image is None:
+        return None
+    header = read_nifti_header(image)
+    shape = tuple(int(n) for n in header.get_data_shape())
+    if len(shape) != 4:
+        raise MissingInputError(f"DWI {image} is not 4D (shape {shape}); give the full diffusion series")
+    bval, bvec = _companion(layout, image, "bval"), _companion(layout, image, "bvec")
+    b_values = read_gradients(image, bval, bvec, shape[3])
+    meta = layout.get_metadata(str(image))
+    return DwiInput(image=image, bval=bval, bvec=bvec, b_values=b_values, shape=shape,
+                    voxel_size_mm=tuple(float(v) for v in header.get_zooms()[:3]),
+                    phase_encoding_direction=meta.get("PhaseEncodingDirection"),
+                    total_readout_time_s=_float(meta.get("TotalReadoutTime")),
+                    reverse_pe_b0=_reverse_pe_b0(layout, queries["fmap_epi"], image, subject, session, meta))
+
+
+def _companion(layout: "BIDSLayout", image: Path, kind: str) -> Path:
+    getter = layout.get_bval if kind == "bval" else layout.get_bvec
+    try:
+        found = getter(str(image))
+    except IndexError:  # pybids raises this when no file is found at any level
+        found = None
+    if not found:
+        raise MissingInputError(f"DWI {image} has no .{kind} file; add {image.name.split('.')[0]}.{kind}")
+    return Path(found)
+
+
+def read_gradients(image: Path, bval: Path, bvec: Path, n_volumes: int) -> tuple[float, ...]:
+    """Read b-values (s/mm^2) and check that both files have one entry per volume (bvec: 3 rows)."""
+    try:
+        b_values = np.loadtxt(bval, ndmin=1)
+        b_vectors = np.loadtxt(bvec, ndmin=2)
+    except ValueError as error:
+        raise MissingInputError(f"DWI {image}: cannot read {bval.name} / {bvec.name} ({error}); fix the files") from None
+    if b_values.ndim != 1 or b_values.size != n_volumes:
+        raise MissingInputError(f"DWI {image} has {n_volumes} volumes but {bval} lists {b_values.size} b-values; "
+                                "fix the .bval")
+    if b_vectors.shape != (3, n_volumes):
+        raise MissingInputError(f"DWI {image} has {n_volumes} volumes but {bvec} holds a "
+                                f"{b_vectors.shape[0]}x{b_vectors.shape[1]} table (3x{n_volumes} expected); fix the .bvec")
+    return tuple(float(b) for b in b_values)
+
+
+def _reverse_pe_b0(layout: "BIDSLayout", query: Mapping[str, Any], dwi: Path, subject: str,
+                   session: str | None, dwi_meta: Mapping[str, Any]) -> Path | None:
+    """The fmap EPI meant for this DWI (IntendedFor), else the only one whose PE opposes the DWI's."""
+    candidates = _get(layout, query, subject, session)
+    relative = dwi.relative_to(Path(layout.root) / f"sub-{subject}").as_posix()
+    intended = []
+    opposed = []
+    for candidate in candidates:
+        meta = layout.get_metadata(str(candidate))
+        targets = meta.get("IntendedFor", [])
+        targets = [targets] if isinstance(targets, str) else targets
+        if any(str(t).endswith(relative) for t in targets):
+            intended.append(candidate)
+        direction = meta.get("PhaseEncodingDirection")
+        if direction and dwi_meta.get("PhaseEncodingDirection") and \
+                direction.rstrip("-") == dwi_meta["PhaseEncodingDirection"].rstrip("-") and \
+                direction != dwi_meta["PhaseEncodingDirection"]:
+            opposed.append(candidate)
+    chosen = intended[0] if intended else (opposed[0] if len(opposed) == 1 else None)
+    if chosen is not None:
+        read_nifti_header(chosen)
+    return chosen
+
+
+def _priors(priors_layouts: list[tuple[str, "BIDSLayout"]], queries: Mapping[str, Mapping[str, Any]],
+            subject: str, session: str | None) -> TissuePriors:
+    """The first ``--derivatives`` dataset providing each map wins; session-specific before subject-wide."""
+    found: dict[str, Path] = {}
+    for _, layout in priors_layouts:
+        if subject not in layout.get_subjects():
+            continue
+        for sess in ([session, None] if session else [None]):
+            for path in _get(layout, queries["probseg"], subject, sess):
+                label = layout.parse_file_entities(str(path)).get("label", "")
+                if label.upper() in TISSUE_LABELS:
+                    found.setdefault(label.lower(), path)
+            masks = _get(layout, queries["brain_mask"], subject, sess)
+            if masks:
+                found.setdefault("brain_mask", masks[0])
+    for path in found.values():
+        read_nifti_header(path)
+    return TissuePriors(**found)
+
+
+def _check_filters_matched(found: tuple[SubjectInputs, ...], layout: "BIDSLayout",
+                           priors_layouts: list[tuple[str, "BIDSLayout"]], queries: Mapping[str, Mapping[str, Any]],
+                           subjects: Sequence[str], config: "Config") -> None:
+    """Every kind the filter file overrides must select at least one file (else exit 18)."""
+    overridden = json.loads(config.paths.bids_filter_file.read_text()).keys()
+    for kind in overridden:
+        layouts = [layout] if kind in _RAW_KINDS else [lay for _, lay in priors_layouts]
+        matched = any(layout_.get(return_type="filename", subject=list(subjects), **queries[kind])
+                      for layout_ in layouts)
+        if not matched and (kind in _RAW_KINDS or priors_layouts):
+            raise NoFilesSelectedError(f"--bids-filter-file {config.paths.bids_filter_file}: the {kind!r} query "
+                                       "selects no file for the selected subjects; loosen it")
+
+
+# --------------------------------------------------------------------------- NIfTI checks
+def read_nifti_header(path: Path) -> Any:
+    """Load the NIfTI header and check that the file holds all its voxel data; 66 if not.
+
+    For .nii.gz the gzip trailer (uncompressed size mod 2^32) is compared with header offset + data
+    size; only when that disagrees (truncation, or multi-member gzip) is the file fully decompressed.
+    """
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+        header = image.header
+        expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * \
+            header.get_data_dtype().itemsize
+    except Exception as error:  # noqa: BLE001 - any failure to parse means the file is unusable
+        raise MissingInputError(f"{path} is not a readable NIfTI file ({type(error).__name__}); "
+                                "re-export or replace it") from None
+    if not _complete(Path(path), expected):
+        raise MissingInputError(f"{path} is truncated or corrupt (fewer voxel bytes than its header says); "
+                                "re-export or replace it")
+    return header
+
+
+def _complete(path: Path, expected_bytes: int) -> bool:
+    if path.name.endswith(".gz"):
+        with open(path, "rb") as handle:
+            handle.seek(-4, 2)
+            trailer_size = int.from_bytes(handle.read(4), "little")
+        if trailer_size == expected_bytes % 2 ** 32:
+            return True
+        return _decompressed_size(path) >= expected_bytes
+    return path.stat().st_size >= expected_bytes
+
+
+def _decompressed_size(path: Path) -> int:
+    size = 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while chunk := stream.read(1 << 22):
+                size += len(chunk)
+    except (OSError, EOFError, zlib.error):
+        return -1
+    return size
+
+
+def check_same_grid(first: Path, first_header: Any, second: Path, second_header: Any) -> None:
+    """Same voxel grid: identical shape (incl. volumes) and affines equal within 1e-3 mm."""
+    same_shape = first_header.get_data_shape() == second_header.get_data_shape()
+    same_affine = np.allclose(first_header.get_best_affine(), second_header.get_best_affine(), atol=1e-3)
+    if not (same_shape and same_affine):
+        raise MissingInputError(
+            f"bSSFP magnitude {first} and phase {second} are on different grids "
+            f"(shapes {first_header.get_data_shape()} vs {second_header.get_data_shape()}); "
+            "reconstruct them together")
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)

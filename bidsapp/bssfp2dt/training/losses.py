@@ -1,0 +1,162 @@
+"""Generator and discriminator losses: L1, 1 - SSIM (3D), MedicalNet perceptual, adversarial BCE.
+
+All image arguments are normalised tensors (B, 6, X, Y, Z) with values in [0, ``data_range``]; logits are
+the discriminator's patch maps (B, 1, x, y, z). Nothing is downloaded: the MedicalNet ResNet-10 weights come
+from a local file, and without one the perceptual term is disabled (one logged warning).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from monai.losses import SSIMLoss
+from monai.networks.nets import resnet10
+from torch import nn
+
+from bssfp2dt.errors import MissingInputError
+
+logger = logging.getLogger(__name__)
+
+_NORMALISATION_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the generator loss terms (dimensionless); perceptual x1000 as in the reference method."""
+
+    l1: float = 1.0
+    ssim: float = 1.0
+    perceptual: float = 1000.0
+    adversarial: float = 1.0
+
+
+def build_medicalnet_resnet10() -> nn.Module:
+    """MedicalNet's ResNet-10 layout (1 input channel, first conv 7^3 stride 2, type-B shortcuts without
+    bias, no classifier), randomly initialised; ``load_medicalnet_weights`` fills it."""
+    return resnet10(spatial_dims=3, n_input_channels=1, conv1_t_size=7, conv1_t_stride=2, shortcut_type="B",
+                    bias_downsample=False, feed_forward=False)
+
+
+def load_medicalnet_weights(network: nn.Module, path: Path | str) -> nn.Module:
+    """Load MedicalNet weights from the local file ``path`` into ``network`` (strict).
+
+    Accepts the released MedicalNet files (``{"state_dict": ...}`` with ``module.`` prefixes and a
+    ``conv_seg`` segmentation head, which is dropped) and plain state dicts. MissingInputError naming
+    the ``perceptual_weights`` file when it is absent, unreadable or of another architecture.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"perceptual_weights file {path} does not exist; give the local MedicalNet "
+                                f"ResNet-10 weights or leave the setting empty to disable the perceptual loss")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        state = payload.get("state_dict", payload)
+        state = {key.removeprefix("module."): value for key, value in state.items()
+                 if not key.removeprefix("module.").startswith(("conv_seg", "fc."))}
+        outcome = network.load_state_dict(state, strict=False)
+    except Exception as error:  # unreadable pickle, wrong keys or shapes: all the user's file
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise MissingInputError(f"perceptual_weights file {path} is not MedicalNet ResNet-10 weights "
+                                f"({first_line}); replace it") from None
+    # Files saved before PyTorch 0.4.1 lack the batch-norm counters, which only matter for momentum=None.
+    missing = [key for key in outcome.missing_keys if not key.endswith("num_batches_tracked")]
+    if missing or outcome.unexpected_keys:
+        raise MissingInputError(f"perceptual_weights file {path} is not MedicalNet ResNet-10 weights (missing "
+                                f"{missing[:3]}, unexpected {outcome.unexpected_keys[:3]}); replace it")
+    return network
+
+
+def medicalnet_features(network: nn.Module, volume: torch.Tensor) -> torch.Tensor:
+    """Layer-4 feature map (B, 512, ~X/32, ~Y/32, ~Z/32) of one-channel volumes (B, 1, X, Y, Z)."""
+    x = network.act(network.bn1(network.conv1(volume)))
+    if not network.no_max_pool:
+        x = network.maxpool(x)
+    return network.layer4(network.layer3(network.layer2(network.layer1(x))))
+
+
+class PerceptualLoss:
+    """Squared distance between channel-normalised MedicalNet features of prediction and target.
+
+    Each of the 6 tensor channels is z-scored per volume (MedicalNet's training normalisation) and fed
+    separately as a one-channel volume; the feature vectors at each position are scaled to unit length, the
+    squared differences summed over features, averaged over positions, channels and batch. The network is
+    frozen and held outside the module tree, so it never enters training checkpoints.
+    """
+
+    def __init__(self, weights_path: Path | str | None):
+        self.network: nn.Module | None = None
+        if weights_path is None or str(weights_path) == "":
+            logger.warning("perceptual loss disabled: no perceptual_weights file (MedicalNet ResNet-10) given")
+            return
+        network = load_medicalnet_weights(build_medicalnet_resnet10(), weights_path)
+        network.eval()
+        for parameter in network.parameters():
+            parameter.requires_grad_(False)
+        self.network = network
+
+    @property
+    def enabled(self) -> bool:
+        return self.network is not None
+
+    def __call__(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Scalar loss (0 when disabled) for (B, C, X, Y, Z) prediction and target."""
+        if self.network is None:
+            return prediction.new_zeros(())
+        network = self.network.to(prediction.device)
+        batch, channels = prediction.shape[:2]
+        # Fold channels into the batch: one forward pass per side instead of one per channel.
+        pred_features = medicalnet_features(network, _zscore(prediction).reshape(batch * channels, 1,
+                                                                                 *prediction.shape[2:]))
+        target_features = medicalnet_features(network, _zscore(target).reshape(batch * channels, 1,
+                                                                               *target.shape[2:]))
+        difference = (_unit_features(pred_features) - _unit_features(target_features)) ** 2
+        return difference.sum(dim=1).mean()
+
+
+def _zscore(volume: torch.Tensor) -> torch.Tensor:
+    mean = volume.mean(dim=(2, 3, 4), keepdim=True)
+    std = volume.std(dim=(2, 3, 4), keepdim=True)
+    return (volume - mean) / (std + _NORMALISATION_EPS)
+
+
+def _unit_features(features: torch.Tensor) -> torch.Tensor:
+    norm = torch.sqrt((features ** 2).sum(dim=1, keepdim=True))
+    return features / (norm + _NORMALISATION_EPS)
+
+
+def adversarial_loss(logits: torch.Tensor, real: bool) -> torch.Tensor:
+    """BCE-with-logits of a patch map against all-real (1) or all-fake (0) labels, averaged over patches."""
+    labels = torch.ones_like(logits) if real else torch.zeros_like(logits)
+    return F.binary_cross_entropy_with_logits(logits, labels)
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Mean of the real (label 1) and fake (label 0) BCE terms: the discriminator's loss."""
+    return 0.5 * (adversarial_loss(real_logits, True) + adversarial_loss(fake_logits, False))
+
+
+class GeneratorLoss:
+    """Weighted sum L1 + (1 - SSIM) + perceptual + adversarial; ``__call__`` returns every term and ``total``."""
+
+    def __init__(self, weights: LossWeights = LossWeights(), perceptual_weights: Path | str | None = None,
+                 data_range: float = 1.0):
+        self.weights = weights
+        self.ssim_loss = SSIMLoss(spatial_dims=3, data_range=data_range)
+        self.perceptual = PerceptualLoss(perceptual_weights)
+
+    def __call__(self, prediction: torch.Tensor, target: torch.Tensor,
+                 fake_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Terms for prediction/target (B, 6, X, Y, Z), X, Y, Z >= 11 (the SSIM window); ``fake_logits``
+        is the discriminator's map of the prediction (None: no adversarial term, e.g. validation)."""
+        terms = {
+            "l1": F.l1_loss(prediction, target),
+            "ssim": self.ssim_loss(prediction, target),
+            "perceptual": self.perceptual(prediction, target),
+            "adversarial": (adversarial_loss(fake_logits, True) if fake_logits is not None
+                            else prediction.new_zeros(())),
+        }
+        terms["total"] = sum(getattr(self.weights, name) * value for name, value in terms.items())
+        return terms

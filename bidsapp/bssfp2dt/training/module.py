@@ -1,0 +1,132 @@
+"""LightningModule of the conditional GAN: manual optimisation, generator step then discriminator step.
+
+Batches are dicts ``{"input": (B, C_in, X, Y, Z), "target": (B, 6, X, Y, Z)}`` of normalised float32
+volumes, X, Y, Z multiples of 16 (C_in = 24 for bSSFP, 6 for T1w and, in the autoencoder stage, the tensor).
+Validation logs ``val_l1``, ``val_ssim``, ``val_psnr`` (dB) and ``val_loss`` (= L1 + 1 - SSIM, the value to
+monitor for early stopping and top-k checkpoints) once per epoch.
+
+Resuming is exact: the randomness of each training step (dropout) is drawn from a private generator seeded by
+(``seed``, number of batches trained so far), and that count is a buffer saved with the weights, so a run
+resumed from a Lightning checkpoint repeats an uninterrupted run bit for bit (with deterministic algorithms
+and a deterministic batch order); both optimiser states are saved by Lightning.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from bssfp2dt.models.checkpoint import save_release_checkpoint
+from bssfp2dt.models.discriminator import build_discriminator
+from bssfp2dt.models.generator import Generator
+from bssfp2dt.training.losses import GeneratorLoss, LossWeights, discriminator_loss
+from bssfp2dt.training.stages import Stage, apply_stage, get_stage, stage_modality
+
+logger = logging.getLogger(__name__)
+
+_SEED_STRIDE = 1_000_003  # a prime, so (seed, step) pairs give distinct per-step seeds
+
+
+class Bssfp2dtGAN(L.LightningModule):
+    """Generator + PatchGAN discriminator trained for one ``stage`` on the run's target ``modality``.
+
+    ``generator``: the stage's starting generator (see ``stages.initial_generator``); the stage is applied
+    here (new head added, frozen parts pinned). ``learning_rate`` overrides the stage's (1/step);
+    ``data_range``: the range of the normalised volumes (SSIM, PSNR).
+    """
+
+    def __init__(self, generator: Generator, stage: Stage | str, modality: str, *,
+                 discriminator_size: str | None = None, loss_weights: LossWeights = LossWeights(),
+                 perceptual_weights: Path | str | None = None, learning_rate: float | None = None,
+                 weight_decay: float = 1e-2, data_range: float = 1.0, seed: int = 0):
+        super().__init__()
+        self.automatic_optimization = False
+        self.stage = get_stage(stage) if isinstance(stage, str) else stage
+        self.input_modality = stage_modality(self.stage, modality)
+        self.generator = generator
+        self.trainable_generator_parameters = apply_stage(generator, self.stage, modality)
+        self.discriminator = build_discriminator(discriminator_size or generator.size.name, [self.input_modality])
+        self.loss = GeneratorLoss(loss_weights, perceptual_weights, data_range)
+        self.learning_rate = learning_rate if learning_rate is not None else self.stage.learning_rate
+        self.weight_decay = weight_decay
+        self.data_range = data_range
+        self.seed = seed
+        self.register_buffer("batches_trained", torch.zeros((), dtype=torch.int64))
+        self.save_hyperparameters({
+            "generator_size": generator.size.name, "stage": self.stage.name, "modality": modality,
+            "discriminator_size": discriminator_size, "loss_weights": dataclasses.asdict(loss_weights),
+            "perceptual_weights": None if perceptual_weights is None else str(perceptual_weights),
+            "learning_rate": self.learning_rate, "weight_decay": weight_decay, "data_range": data_range,
+            "seed": seed,
+        })
+
+    def forward(self, source: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, X, Y, Z) -> normalised tensor (B, 6, X, Y, Z)."""
+        return self.generator(source, self.input_modality)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        generator_optimiser = torch.optim.AdamW(self.trainable_generator_parameters, lr=self.learning_rate,
+                                                weight_decay=self.weight_decay)
+        discriminator_optimiser = torch.optim.AdamW(self.discriminator.parameters(), lr=self.learning_rate,
+                                                    weight_decay=self.weight_decay)
+        return [generator_optimiser, discriminator_optimiser]
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        generator_optimiser, discriminator_optimiser = self.optimizers()
+        source, target = batch["input"], batch["target"]
+        with self._step_randomness():
+            prediction = self(source)
+            # Generator step: the discriminator judges but does not accumulate gradients.
+            self.discriminator.requires_grad_(False)
+            terms = self.loss(prediction, target, self.discriminator(source, prediction, self.input_modality))
+            generator_optimiser.zero_grad()
+            self.manual_backward(terms["total"])
+            generator_optimiser.step()
+            self.discriminator.requires_grad_(True)
+
+            real_logits = self.discriminator(source, target, self.input_modality)
+            fake_logits = self.discriminator(source, prediction.detach(), self.input_modality)
+            d_loss = discriminator_loss(real_logits, fake_logits)
+            discriminator_optimiser.zero_grad()
+            self.manual_backward(d_loss)
+            discriminator_optimiser.step()
+        self.batches_trained += 1
+        logged = {f"train_{name}": value.detach() for name, value in terms.items()}
+        logged["train_discriminator"] = d_loss.detach()
+        self.log_dict(logged, on_step=True, on_epoch=True, batch_size=source.shape[0])
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        prediction = self(batch["input"])
+        metrics = reconstruction_metrics(prediction, batch["target"], self.loss, self.data_range)
+        self.log_dict({f"val_{name}": value for name, value in metrics.items()}, on_epoch=True,
+                      batch_size=prediction.shape[0])
+        return metrics
+
+    def export_release(self, path: Path | str, *, config: dict[str, Any], normalization: dict[str, Any]) -> Path:
+        """Write the generator as a release checkpoint (see ``models.checkpoint``)."""
+        return save_release_checkpoint(path, self.generator, config=config, stage=self.stage.name,
+                                       modality=self.input_modality, normalization=normalization)
+
+    @contextmanager
+    def _step_randomness(self) -> Iterator[None]:
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed * _SEED_STRIDE + int(self.batches_trained))
+            yield
+
+
+def reconstruction_metrics(prediction: torch.Tensor, target: torch.Tensor, loss: GeneratorLoss,
+                           data_range: float = 1.0) -> dict[str, torch.Tensor]:
+    """Mean L1, SSIM (3D, Gaussian window 11), PSNR (dB, 10 log10(range^2 / MSE)) and L1 + 1 - SSIM over a
+    batch of (B, 6, X, Y, Z) volumes."""
+    l1 = F.l1_loss(prediction, target)
+    ssim = 1.0 - loss.ssim_loss(prediction, target)
+    mse = F.mse_loss(prediction, target)
+    psnr = 10.0 * torch.log10(data_range ** 2 / mse.clamp_min(torch.finfo(mse.dtype).tiny))
+    return {"l1": l1, "ssim": ssim, "psnr": psnr, "loss": l1 + (1.0 - ssim)}
