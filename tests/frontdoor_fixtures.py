@@ -163,3 +163,12 @@ def make_derivatives_dataset(root: Path, subject: str = "01", session: str | Non
     # Same labels in a template space: must not be picked up (space must be absent).
     write_nifti(anat / f"{base}_space-MNI152NLin2009cAsym_label-GM_probseg.nii.gz", probs[..., 0])
     return root
+
+
+RECORDED_PLANS: list = []
+
+
+def record_plan(plan) -> int:
+    """A stand-in pipeline entry point for the CLI tests: remembers the plan it was handed."""
+    RECORDED_PLANS.append(plan)
+    return 0

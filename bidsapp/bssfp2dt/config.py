@@ -119,9 +119,9 @@ class Config:
     paths: PathSettings
     selection: SelectionSettings
     resources: ResourceSettings
+    run: RunSettings
     model: ModelSettings = field(default_factory=ModelSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
-    run: RunSettings = field(default_factory=lambda: RunSettings(run_uuid="unset"))
 
     def for_subject(self, label: str) -> "Config":
         """The same config restricted to one participant (what is saved in that subject's log)."""
@@ -269,6 +269,9 @@ def merge_queries(defaults: Mapping[str, Mapping[str, Any]], overrides: Mapping[
         if not isinstance(query, dict):
             raise UsageError(f"--bids-filter-file {filter_file}: {kind!r} must map entities to values")
         for entity, value in query.items():
+            if entity in ("subject", "session"):
+                raise UsageError(f"--bids-filter-file {filter_file}: {kind}.{entity} is not allowed; select "
+                                 f"with --{'participant' if entity == 'subject' else 'session'}-label")
             if not (value is None or isinstance(value, (str, int)) or
                     (isinstance(value, list) and all(isinstance(item, (str, int)) for item in value))):
                 raise UsageError(f"--bids-filter-file {filter_file}: {kind}.{entity} must be a string, "
@@ -289,6 +292,8 @@ def _read_filter_file(path: Path) -> dict[str, Any]:
 
 def _check_bids_dir(bids_dir: Path) -> Path:
     bids_dir = bids_dir.expanduser().resolve()
+    if not bids_dir.exists():
+        raise MissingInputError(f"bids_dir {bids_dir} does not exist; give the root of a BIDS dataset")
     if not bids_dir.is_dir():
         raise MissingInputError(f"bids_dir {bids_dir} is not a directory; give the root of a BIDS dataset")
     if not (bids_dir / "dataset_description.json").is_file():
@@ -341,6 +346,11 @@ def check_writable(folder: Path, what: str) -> None:
         raise OutputError(f"{what} {folder} cannot be created: {existing} is not a directory; choose another path")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputError(f"{what} {folder} cannot be created: {existing} is not writable; choose another path")
+    # root passes os.access everywhere; a read-only mount (e.g. `docker run --read-only` without a
+    # bound output folder) is still caught here.
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        raise OutputError(f"{what} {folder} cannot be created: {existing} is on a read-only file system; "
+                          "bind a writable folder")
 
 
 def _existing_file(path: Path | None, flag: str) -> Path | None:

@@ -90,25 +90,41 @@ def matrix_to_bep016(matrix: np.ndarray) -> np.ndarray:
                      for row, column in _BEP016_INDEX], axis=-1)
 
 
-def valid_voxels(tensor6: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """Flat indices (int64) of voxels inside ``mask`` (shape ``tensor6.shape[:-1]``) with all components finite."""
-    tensor6 = _check_six(tensor6)
-    batch_shape = tensor6.shape[:-1]
-    valid = np.isfinite(tensor6.reshape(-1, 6)).all(axis=1)
-    if mask is not None:
-        mask = np.asarray(mask, dtype=bool)
-        if mask.shape != batch_shape:
-            raise ValueError(f"mask shape {mask.shape} does not match tensor shape {batch_shape}")
-        valid &= mask.reshape(-1)
-    return np.flatnonzero(valid)
+def mask_voxels(mask: np.ndarray | None, batch_shape: tuple[int, ...]) -> np.ndarray | None:
+    """Flat indices (int64) of the voxels in ``mask`` (shape ``batch_shape``), or None for all voxels."""
+    if mask is None:
+        return None
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != tuple(batch_shape):
+        raise ValueError(f"mask shape {mask.shape} does not match tensor shape {tuple(batch_shape)}")
+    return np.flatnonzero(mask)
 
 
-def planar_blocks(tensor6: np.ndarray, voxels: np.ndarray, block: int = CHUNK_VOXELS):
-    """Yield (flat voxel indices (V,), components (6, V) contiguous float64) in blocks of ``block`` voxels."""
+def planar_blocks(tensor6: np.ndarray, voxels: np.ndarray | None, block: int = CHUNK_VOXELS):
+    """Blocks of tensors in planar layout, for vectorised work that stays in cache.
+
+    Parameters
+    ----------
+    tensor6 : (..., 6) BEP016 components.
+    voxels : flat voxel indices to visit (from ``mask_voxels``), or None for all voxels.
+
+    Yields
+    ------
+    index : slice or (V,) int array of flat voxel indices.
+    components : (6, V) contiguous float64; non-finite tensors replaced by zeros.
+    finite : (V,) bool, False where a component was non-finite, or None when all are finite.
+    """
     flat = _check_six(tensor6).reshape(-1, 6)
-    for start in range(0, voxels.size, block):
-        index = voxels[start:start + block]
-        yield index, np.ascontiguousarray(flat[index].T, dtype=np.float64)
+    n_voxels = flat.shape[0] if voxels is None else voxels.size
+    for start in range(0, n_voxels, block):
+        index = slice(start, min(start + block, n_voxels)) if voxels is None else voxels[start:start + block]
+        components = np.ascontiguousarray(flat[index].T, dtype=np.float64)
+        finite = np.isfinite(components).all(axis=0)
+        if finite.all():
+            yield index, components, None
+        else:
+            components[:, ~finite] = 0.0
+            yield index, components, finite
 
 
 def eigh_tensor(tensor6: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -130,8 +146,11 @@ def eigh_tensor(tensor6: np.ndarray, mask: np.ndarray | None = None) -> tuple[np
     batch_shape = tensor6.shape[:-1]
     evals = np.zeros((int(np.prod(batch_shape)), 3))
     evecs = np.zeros((evals.shape[0], 3, 3))
-    for index, components in planar_blocks(tensor6, valid_voxels(tensor6, mask)):
+    for index, components, finite in planar_blocks(tensor6, mask_voxels(mask, batch_shape)):
         values, vectors = eigen_planar(components)
+        if finite is not None:
+            values[:, ~finite] = 0.0
+            vectors[:, :, ~finite] = 0.0
         evals[index] = values.T
         evecs[index] = vectors.transpose(2, 0, 1)
     return evals.reshape(batch_shape + (3,)), evecs.reshape(batch_shape + (3, 3))
@@ -157,18 +176,31 @@ def eigen_planar(components: np.ndarray, first_vector_only: bool = False) -> tup
     p_sq = (axx * axx + ayy * ayy + azz * azz + 2.0 * off_diagonal_sq) / 6.0
     frobenius_sq = dxx * dxx + dyy * dyy + dzz * dzz + 2.0 * off_diagonal_sq
     isotropic = p_sq <= (NEARLY_ISOTROPIC * NEARLY_ISOTROPIC) * frobenius_sq
+    p = np.sqrt(p_sq)
     n_vectors = 1 if first_vector_only else 3
-    if not isotropic.any():
-        return _closed_form(components, q, axx, ayy, azz, np.sqrt(p_sq), n_vectors)
 
-    evals = np.empty((3, components.shape[1]))
-    evecs = np.empty((3, n_vectors, components.shape[1]))
-    evals[:, isotropic], evecs[:, :, isotropic] = _lapack(components[:, isotropic], n_vectors)
-    solve = ~isotropic
-    if solve.any():
-        evals[:, solve], evecs[:, :, solve] = _closed_form(
-            np.ascontiguousarray(components[:, solve]), q[solve], axx[solve], ayy[solve], azz[solve],
-            np.sqrt(p_sq[solve]), n_vectors)
+    # Every voxel goes through the closed form (compressing the few special ones out first would cost
+    # more than it saves); the nearly isotropic ones, whose p ~ 0 may give inf/NaN, are overwritten below.
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        det = axx * (ayy * azz - dyz * dyz) - dxy * (dxy * azz - dyz * dxz) + dxz * (dxy * dyz - ayy * dxz)
+        phi = np.arccos(np.minimum(np.maximum(det / (2.0 * p * p * p), -1.0), 1.0)) / 3.0
+        evals = np.empty((3, components.shape[1]))
+        cos_phi = np.cos(phi)
+        # cos(phi + 2 pi/3) = -(cos phi + sqrt(3) sin phi) / 2, sin phi >= 0 on [0, pi/3]: saves a cos; the
+        # sqrt loses accuracy only for phi ~ 0, i.e. lambda_2 ~ lambda_3, which _deflated recomputes.
+        sin_phi = np.sqrt(np.maximum(1.0 - cos_phi * cos_phi, 0.0))
+        evals[0] = q + 2.0 * p * cos_phi
+        evals[2] = q - p * (cos_phi + np.sqrt(3.0) * sin_phi)
+        evals[1] = 3.0 * q - evals[0] - evals[2]
+        evecs = _separated_vectors(components, evals, n_vectors)
+
+    close_pair = np.minimum(evals[0] - evals[1], evals[1] - evals[2]) < CLOSE_PAIR * p
+    close_pair &= ~isotropic
+    if close_pair.any():
+        evals[:, close_pair], evecs[:, :, close_pair] = _deflated(
+            np.ascontiguousarray(components[:, close_pair]), evals[:, close_pair], phi[close_pair], n_vectors)
+    if isotropic.any():
+        evals[:, isotropic], evecs[:, :, isotropic] = _lapack(components[:, isotropic], n_vectors)
     return evals, evecs
 
 
@@ -176,33 +208,6 @@ def _lapack(components: np.ndarray, n_vectors: int) -> tuple[np.ndarray, np.ndar
     """numpy.linalg.eigh on (6, V) planar tensors -> descending (3, V), (3, n_vectors, V)."""
     values, vectors = np.linalg.eigh(bep016_to_matrix(components.T))
     return values[:, ::-1].T, vectors[:, :, ::-1][:, :, :n_vectors].transpose(1, 2, 0)
-
-
-def _closed_form(components, q, axx, ayy, azz, p, n_vectors):
-    """Smith's eigenvalues; eigenvectors by cross products, or by deflation where two eigenvalues are close."""
-    dxx, dxy, dxz, dyy, dyz, dzz = components
-    det = axx * (ayy * azz - dyz * dyz) - dxy * (dxy * azz - dyz * dxz) + dxz * (dxy * dyz - ayy * dxz)
-    phi = np.arccos(np.minimum(np.maximum(det / (2.0 * p * p * p), -1.0), 1.0)) / 3.0
-    evals = np.empty((3, components.shape[1]))
-    cos_phi = np.cos(phi)
-    # cos(phi + 2 pi/3) = -(cos phi + sqrt(3) sin phi) / 2 with sin phi >= 0 on [0, pi/3]: saves a cos; the
-    # sqrt loses accuracy only for phi ~ 0, i.e. lambda_2 ~ lambda_3, which _deflated recomputes.
-    sin_phi = np.sqrt(np.maximum(1.0 - cos_phi * cos_phi, 0.0))
-    evals[0] = q + 2.0 * p * cos_phi
-    evals[2] = q - p * (cos_phi + np.sqrt(3.0) * sin_phi)
-    evals[1] = 3.0 * q - evals[0] - evals[2]
-    close_pair = np.minimum(evals[0] - evals[1], evals[1] - evals[2]) < CLOSE_PAIR * p
-
-    evecs = np.empty((3, n_vectors, components.shape[1]))
-    if close_pair.any():
-        evals[:, close_pair], evecs[:, :, close_pair] = _deflated(
-            np.ascontiguousarray(components[:, close_pair]), evals[:, close_pair], phi[close_pair], n_vectors)
-        separated = ~close_pair
-        components, evals_separated = np.ascontiguousarray(components[:, separated]), evals[:, separated]
-        evecs[:, :, separated] = _separated_vectors(components, evals_separated, n_vectors)
-    else:
-        evecs[:] = _separated_vectors(components, evals, n_vectors)
-    return evals, evecs
 
 
 def _separated_vectors(components, evals, n_vectors):
@@ -214,10 +219,12 @@ def _separated_vectors(components, evals, n_vectors):
         evecs[i, 0] = first[i]
     if n_vectors == 3:
         third = _null_vector(dxx - evals[2], dxy, dxz, dyy - evals[2], dyz, dzz - evals[2])
-        second = np.cross(np.stack(third), np.stack(first), axis=0)  # right-handed (v1, v2, v3)
-        evecs[:, 1] = second
         for i in range(3):
             evecs[i, 2] = third[i]
+        # v2 = v3 x v1 makes (v1, v2, v3) right-handed.
+        evecs[0, 1] = third[1] * first[2] - third[2] * first[1]
+        evecs[1, 1] = third[2] * first[0] - third[0] * first[2]
+        evecs[2, 1] = third[0] * first[1] - third[1] * first[0]
     return evecs
 
 

@@ -176,9 +176,10 @@ def raw_layout(bids_dir: Path, subjects: Sequence[str] = ()) -> "BIDSLayout":
 
 def derivatives_layout(path: Path) -> "BIDSLayout":
     """Index a derivatives dataset (sMRIPrep / fMRIPrep outputs) for the tissue priors."""
-    from bids import BIDSLayout
+    from bids import BIDSLayout, BIDSLayoutIndexer
 
-    return BIDSLayout(str(path), validate=False, config=["bids", "derivatives"], index_metadata=False)
+    indexer = BIDSLayoutIndexer(validate=False, index_metadata=False)
+    return BIDSLayout(str(path), validate=False, config=["bids", "derivatives"], indexer=indexer)
 
 
 def list_subjects(bids_dir: Path) -> tuple[str, ...]:
@@ -531,8 +532,9 @@ def read_nifti_header(path: Path) -> Any:
     try:
         image = nib.load(str(path))
         header = image.header
-        expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * \
-            header.get_data_dtype().itemsize
+        # The array proxy's offset is where nibabel really reads (the header may say 0 for single files).
+        offset = int(getattr(image.dataobj, "offset", header.get_data_offset()))
+        expected = offset + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
     except Exception as error:  # noqa: BLE001 - any failure to parse means the file is unusable
         raise MissingInputError(f"{path} is not a readable NIfTI file ({type(error).__name__}); "
                                 "re-export or replace it") from None
@@ -568,11 +570,16 @@ def check_same_grid(first: Path, first_header: Any, second: Path, second_header:
     """Same voxel grid: identical shape (incl. volumes) and affines equal within 1e-3 mm."""
     same_shape = first_header.get_data_shape() == second_header.get_data_shape()
     same_affine = np.allclose(first_header.get_best_affine(), second_header.get_best_affine(), atol=1e-3)
-    if not (same_shape and same_affine):
+    if not same_shape:
         raise MissingInputError(
             f"bSSFP magnitude {first} and phase {second} are on different grids "
             f"(shapes {first_header.get_data_shape()} vs {second_header.get_data_shape()}); "
             "reconstruct them together")
+    if not same_affine:
+        offset = np.abs(first_header.get_best_affine() - second_header.get_best_affine()).max()
+        raise MissingInputError(
+            f"bSSFP magnitude {first} and phase {second} are on different grids (affines differ by up to "
+            f"{offset:.3g} mm); reconstruct them together")
 
 
 def _float(value: Any) -> float | None:

@@ -49,7 +49,7 @@ def validation_errors(bids_dir: Path, subjects: Sequence[str] = ()) -> list[Vali
     Dataset-level errors (outside any ``sub-*`` folder) are always kept.
     """
     command = [str(find_validator()), "--format", "json", "--ignoreWarnings", "--no-color", str(bids_dir)]
-    logger.info("validating %s with %s", bids_dir, VALIDATOR)
+    logger.debug("validating %s with %s", bids_dir, VALIDATOR)
     try:
         completed = subprocess.run(command, capture_output=True, text=True, timeout=_TIMEOUT_S, check=False)
     except (OSError, subprocess.TimeoutExpired) as error:

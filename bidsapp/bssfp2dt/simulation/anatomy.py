@@ -47,6 +47,21 @@ class Anatomy:
     def fibres(self, points: np.ndarray) -> FibreSample:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def near_brain_on_grid(self, template_from_voxel: np.ndarray, shape, pad_mm: float) -> np.ndarray:
+        """Boolean volume ``shape``: voxels whose template position (4x4 affine ``template_from_voxel``)
+        may lie within ``pad_mm`` of brain tissue. Cheap and conservative."""
+        index = np.indices(shape, dtype=np.float32).reshape(3, -1).T
+        points = index @ template_from_voxel[:3, :3].T.astype(np.float32) + template_from_voxel[:3, 3].astype(np.float32)
+        return self.near_brain(points, pad_mm).reshape(shape)
+
+    def near_brain(self, points: np.ndarray, pad_mm: float) -> np.ndarray:  # pragma: no cover - interface
+        """Boolean (N,): points that may lie within ``pad_mm`` of brain tissue (cheap, conservative)."""
+        raise NotImplementedError
+
+    def brain_points(self) -> np.ndarray:  # pragma: no cover - interface
+        """A sample (P, 3) of points covering the brain, for fitting fields of view."""
+        raise NotImplementedError
+
     def description(self) -> dict:
         return {"name": self.name}
 
@@ -71,6 +86,31 @@ class MniAnatomy(Anatomy):
         self._maps = np.stack(_tissue_maps(gm, wm, mask), axis=0).astype(np.float32)  # (3, X, Y, Z)
         self._random = randomise_fibres
         self.extent = _extent(mask > 0.5, affine)
+        self._brain_points = _mask_points(mask > 0.5, affine, step=3)
+        # 2 mm brain mask dilated by 8 mm, for the cheap near-brain test
+        coarse = _block_max(mask > 0.5)
+        self._near_mask = ndimage.binary_dilation(coarse, iterations=4).astype(np.uint8)
+        self._near_affine = _scaled_affine(affine, 2)
+
+    def near_brain(self, points, pad_mm):
+        self._check_pad(pad_mm)
+        coords = _world_to_voxel(points, self._near_affine)
+        return ndimage.map_coordinates(self._near_mask, coords, order=0, mode="constant", cval=0) > 0
+
+    def near_brain_on_grid(self, template_from_voxel, shape, pad_mm):
+        # one affine from grid voxels to mask voxels: scipy walks the grid without big intermediates
+        self._check_pad(pad_mm)
+        mask_from_voxel = np.linalg.inv(self._near_affine) @ template_from_voxel
+        return ndimage.affine_transform(self._near_mask, mask_from_voxel[:3, :3], mask_from_voxel[:3, 3],
+                                        output_shape=tuple(shape), order=0, mode="constant", cval=0) > 0
+
+    @staticmethod
+    def _check_pad(pad_mm):
+        if pad_mm > 8.0:
+            raise ValueError("MniAnatomy.near_brain supports a pad of at most 8 mm")
+
+    def brain_points(self):
+        return self._brain_points
 
     @functools.cached_property
     def _fibre_field(self):
@@ -115,16 +155,32 @@ def _tissue_maps(gm, wm, mask):
     return gm, wm, np.clip(mask - gm - wm, 0.0, 1.0)
 
 
+def _mask_points(mask, affine, step):
+    index = np.argwhere(mask[::step, ::step, ::step]) * step
+    return index @ affine[:3, :3].T + affine[:3, 3]
+
+
+def _scaled_affine(affine, factor):
+    """Affine of a grid whose voxels are ``factor`` x larger (blocks of the original grid)."""
+    scaled = affine.copy()
+    scaled[:3, :3] *= factor
+    scaled[:3, 3] += affine[:3, :3] @ np.full(3, (factor - 1) / 2.0)
+    return scaled
+
+
+def _block_max(mask):
+    shape = tuple(s // 2 * 2 for s in mask.shape)
+    m = mask[:shape[0], :shape[1], :shape[2]]
+    return m.reshape(shape[0] // 2, 2, shape[1] // 2, 2, shape[2] // 2, 2).max(axis=(1, 3, 5))
+
+
 def _downsample_2mm(gm, wm, affine):
     """Block-average the 1 mm maps to 2 mm (fibre geometry needs no more)."""
     def block_mean(volume):
         shape = tuple(s // 2 * 2 for s in volume.shape)
         v = volume[:shape[0], :shape[1], :shape[2]]
         return v.reshape(shape[0] // 2, 2, shape[1] // 2, 2, shape[2] // 2, 2).mean(axis=(1, 3, 5))
-    affine2 = affine.copy()
-    affine2[:3, :3] *= 2.0
-    affine2[:3, 3] += affine[:3, :3] @ np.full(3, 0.5)
-    return block_mean(gm).astype(np.float64), block_mean(wm).astype(np.float64), affine2
+    return block_mean(gm).astype(np.float64), block_mean(wm).astype(np.float64), _scaled_affine(affine, 2)
 
 
 def _extent(mask, affine):
@@ -230,6 +286,15 @@ class ProceduralAnatomy(Anatomy):
             r = np.linalg.norm((points - centre) / semi, axis=1)
             out = np.maximum(out, _soft_step((1.0 - r) * semi.min() / self.edge_mm))
         return out
+
+    def near_brain(self, points, pad_mm):
+        return self._depth(points) > -pad_mm
+
+    def brain_points(self):
+        semi = self.SEMI_AXES * self.scale
+        directions = np.random.default_rng(0).standard_normal((4000, 3))
+        directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+        return directions * semi
 
     def fractions(self, points):
         depth = self._depth(points)

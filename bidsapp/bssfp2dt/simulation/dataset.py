@@ -7,11 +7,11 @@ temporary sibling folder and renamed into place when complete.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +23,8 @@ from bssfp2dt.io.naming import bids_path
 from bssfp2dt.io.nifti import save_nifti, write_json, write_text
 from bssfp2dt.simulation.anatomy import MNI_LICENCE, Anatomy, make_anatomy
 from bssfp2dt.simulation.geometry import ImageGrid, axis_aligned_grid
-from bssfp2dt.simulation.imaging import (ScanTissue, image_bssfp, image_dwi, image_t1w, sample_tissue,
-                                         tensor_in_voxel_axes)
+from bssfp2dt.simulation.imaging import (ScanTissue, dwi_noiseless, dwi_with_noise, image_bssfp, image_t1w,
+                                         sample_tissue, tensor_in_voxel_axes)
 from bssfp2dt.simulation.subject import REGIMES, Protocol, ScanPlan, SubjectParameters, sample_subject
 from bssfp2dt.simulation.tensor_truth import fa_md, ols_tensor_fit
 
@@ -90,16 +90,18 @@ def _write_dataset(root: Path, config: SimulationConfig, progress: bool) -> None
     rows = []
     scans_per_subject = 1 + max(config.bssfp_sessions, 0) + max(config.dwi_sessions, 0)
     bar = tqdm(total=config.n_subjects * scans_per_subject, desc="simulating", unit="scan", disable=not progress)
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nifti-writer")
     for number, subject_seed in enumerate(subject_seeds, start=1):
         label = f"{number:02d}"
         rng = np.random.default_rng(subject_seed)
         centre = (anatomy.extent[0] + anatomy.extent[1]) / 2.0
         subject = sample_subject(rng, label, regime, protocol, config.bssfp_sessions, config.dwi_sessions,
                                  centre, reverse_pe=config.reverse_pe)
-        SubjectWriter(root, subject, anatomy, protocol, config, rng, bar).write()
+        SubjectWriter(root, subject, anatomy, protocol, config, rng, bar, writer).write()
         rows.append(f"sub-{label}\t{subject.regime}\t{subject.orientation_gain:.3f}\t"
                     f"{subject.base_pose.rotation_deg[0]:.2f}")
     bar.close()
+    writer.shutdown()
     write_text("participant_id\tregime\torientation_gain\thead_pitch_deg\n" + "\n".join(rows) + "\n",
                root / "participants.tsv")
 
@@ -108,14 +110,28 @@ class SubjectWriter:
     """Images one subject scan by scan and writes the raw files and the truth."""
 
     def __init__(self, root: Path, subject: SubjectParameters, anatomy: Anatomy, protocol: Protocol,
-                 config: SimulationConfig, rng: np.random.Generator, bar: tqdm):
+                 config: SimulationConfig, rng: np.random.Generator, bar: tqdm, writer: ThreadPoolExecutor):
         self.root, self.truth_root = root, root / TRUTH_FOLDER
+        self._writer, self._pending = writer, []
         self.subject, self.anatomy, self.protocol, self.config = subject, anatomy, protocol, config
         self.rng, self.bar = rng, bar
         self.fov = self._field_of_view()
         self.timings: dict[str, float] = {}
 
+    def _save(self, *args, **kwargs) -> None:
+        """Compress and write an image on the writer thread (zlib releases the GIL), so imaging
+        the next scan overlaps with compressing this one."""
+        self._pending.append(self._writer.submit(save_nifti, *args, **kwargs))
+
     def write(self) -> None:
+        """Image and write every scan and the truth; returns when all files are on disk."""
+        try:
+            self._write_all()
+        finally:
+            for future in self._pending:
+                future.result()
+
+    def _write_all(self) -> None:
         for scan in self.subject.scans:
             started = time.perf_counter()
             getattr(self, f"_write_{scan.modality}")(scan)
@@ -133,11 +149,11 @@ class SubjectWriter:
     # -- geometry ---------------------------------------------------------------------------------
     def _field_of_view(self) -> tuple[np.ndarray, np.ndarray]:
         """Scanner-frame box (lo, hi) mm holding the brain at the base pose, plus a margin."""
-        lo, hi = self.anatomy.extent
-        corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
         warp = self.subject.warp
-        head = np.linalg.solve(warp.linear, (corners - warp.offset).T).T
+        brain = self.anatomy.brain_points()
+        head = np.linalg.solve(warp.linear, (brain - warp.offset).T).T
         scanner = head @ self.subject.base_pose.rotation.T + np.asarray(self.subject.base_pose.translation_mm)
+        # the smooth displacement (<= 5 mm) and the per-scan jitter (<= 3 deg, 3 mm) stay inside the margin
         margin = self.config.margin_mm
         return scanner.min(axis=0) - margin, scanner.max(axis=0) + margin
 
@@ -160,18 +176,18 @@ class SubjectWriter:
                    "PhaseIncrements": p.phase_increments_deg.tolist(), "Manufacturer": "bssfp2dt-simulate"}
         entities = dict(session=scan.session, acquisition="pcbssfp")
         magnitude = self._path(self.root, "anat", "T2w", part="mag", **entities)
-        save_nifti(np.abs(noisy), grid.affine, magnitude, dtype=np.uint16)
+        self._save(np.abs(noisy), grid.affine, magnitude, dtype=np.uint16)
         write_json(sidecar, magnitude.with_name(magnitude.name.replace(".nii.gz", ".json")))
         phase_path = self._path(self.root, "anat", "T2w", part="phase", **entities)
         phase = np.angle(noisy)
         if p.phase_units == "arbitrary":
-            save_nifti(np.floor((phase + np.pi) / (2 * np.pi) * 4096) % 4096, grid.affine, phase_path, dtype=np.uint16)
+            self._save(np.floor((phase + np.pi) / (2 * np.pi) * 4096) % 4096, grid.affine, phase_path, dtype=np.uint16)
         else:
-            save_nifti(phase, grid.affine, phase_path, dtype=np.float32)
+            self._save(phase, grid.affine, phase_path, dtype=np.float32)
         write_json(sidecar | {"Units": p.phase_units}, phase_path.with_name(phase_path.name.replace(".nii.gz", ".json")))
         b0_path = self._path(self.truth_root, "fmap", "fieldmap", acquisition="pcbssfp", description="truth",
                              session=scan.session)
-        save_nifti(b0_map, grid.affine, b0_path, dtype=np.float32)
+        self._save(b0_map, grid.affine, b0_path, dtype=np.float32)
         write_json({"Units": "Hz", "Description": "off-resonance used to simulate the pc-bSSFP of this session",
                     "Sources": [_bids_uri(magnitude, self.root)]}, _sidecar(b0_path))
 
@@ -179,9 +195,10 @@ class SubjectWriter:
         p = self.protocol
         grid = self._grid(p.dwi_voxel_mm)
         tissue = sample_tissue(self.anatomy, self.subject, scan.pose, grid, with_fibres=True)
-        image = image_dwi(self.subject, scan, tissue, grid, p, self.rng)
+        noiseless = dwi_noiseless(self.subject, scan, tissue, p)
+        image = dwi_with_noise(noiseless, self.subject, scan, tissue, grid, p, self.rng)
         dwi_path = self._path(self.root, "dwi", "dwi", session=scan.session)
-        save_nifti(image, grid.affine, dwi_path, dtype=np.uint16)
+        self._save(image, grid.affine, dwi_path, dtype=np.uint16)
         bvecs_voxel = np.asarray(scan.bvecs_scanner) @ grid.axes_in_world  # BIDS: bvecs in voxel axes
         write_text(" ".join(f"{b:g}" for b in scan.bvals) + "\n", dwi_path.with_name(dwi_path.name.replace(".nii.gz", ".bval")))
         write_text("\n".join(" ".join(f"{v:.6f}" for v in row) for row in bvecs_voxel.T) + "\n",
@@ -192,19 +209,19 @@ class SubjectWriter:
         write_json(readout, _sidecar(dwi_path))
         if scan.reverse_pe_b0:
             epi_path = self._path(self.root, "fmap", "epi", session=scan.session, direction="PA")
-            reverse_b0 = image_dwi(self.subject, dataclasses.replace(scan, bvals=(0.0,), bvecs_scanner=((0.0, 0.0, 0.0),)),
-                                   tissue, grid, p, self.rng)
-            save_nifti(reverse_b0, grid.affine, epi_path, dtype=np.uint16)
+            # same anatomy and fresh noise: EPI distortion is not simulated
+            b0 = int(np.argmin(scan.bvals))
+            reverse_b0 = dwi_with_noise(noiseless[:, b0:b0 + 1], self.subject, scan, tissue, grid, p, self.rng)
+            self._save(reverse_b0, grid.affine, epi_path, dtype=np.uint16)
             write_json(readout | {"PhaseEncodingDirection": "j", "IntendedFor": [_bids_uri(dwi_path, self.root)]},
                        _sidecar(epi_path))
-        self._write_dwi_truth(scan, tissue, grid)
+        self._write_dwi_truth(scan, tissue, grid, noiseless)
 
-    def _write_dwi_truth(self, scan: ScanPlan, tissue: ScanTissue, grid: ImageGrid) -> None:
+    def _write_dwi_truth(self, scan: ScanPlan, tissue: ScanTissue, grid: ImageGrid, noiseless: np.ndarray) -> None:
         """Per-session truth on the DWI grid, tensors in its voxel axes (as a fit of the raw DWI gives)."""
         exact = tensor_in_voxel_axes(tissue.tensor, grid)
-        noiseless = image_dwi(self.subject, scan, tissue, grid, self.protocol, rng=None).reshape(-1, len(scan.bvals))
         bvecs_voxel = np.asarray(scan.bvecs_scanner) @ grid.axes_in_world
-        fitted, _ = ols_tensor_fit(noiseless[tissue.index], np.asarray(scan.bvals), bvecs_voxel)
+        fitted, _ = ols_tensor_fit(noiseless, np.asarray(scan.bvals), bvecs_voxel)
         source = self._path(self.root, "dwi", "dwi", session=scan.session)
         for description, tensor in (("truth", exact), ("noiselessfit", fitted)):
             self._write_tensor_maps(tensor, tissue, grid, description, source, session=scan.session)
@@ -213,7 +230,7 @@ class SubjectWriter:
         grid = self._grid(self.protocol.t1w_voxel_mm)
         tissue = sample_tissue(self.anatomy, self.subject, scan.pose, grid, with_fibres=False)
         path = self._path(self.root, "anat", "T1w", session=scan.session)
-        save_nifti(image_t1w(self.subject, scan, tissue, grid, self.rng), grid.affine, path, dtype=np.uint16)
+        self._save(image_t1w(self.subject, scan, tissue, grid, self.rng), grid.affine, path, dtype=np.uint16)
         write_json({"MagneticFieldStrength": self.protocol.field_strength_t, "RepetitionTime": 5.0,
                     "PulseSequenceType": "MP2RAGE (UNI image)", "Manufacturer": "bssfp2dt-simulate"}, _sidecar(path))
 
@@ -227,18 +244,17 @@ class SubjectWriter:
         source = self._path(self.root, "anat", "T1w", session=t1w_scan.session)
         for c, label in enumerate(("GM", "WM", "CSF")):
             path = self._path(self.truth_root, "anat", "probseg", label=label, **entities)
-            save_nifti(_scatter_flat(tissue.fractions[:, c], tissue, grid), grid.affine, path, dtype=np.float32)
+            self._save(_scatter_flat(tissue.fractions[:, c], tissue, grid), grid.affine, path, dtype=np.float32)
             write_json({"Sources": [_bids_uri(source, self.root)]}, _sidecar(path))
         mask_path = self._path(self.truth_root, "anat", "mask", description="brain", **entities)
-        save_nifti(_scatter_flat(tissue.fractions.sum(axis=1) >= 0.5, tissue, grid), grid.affine, mask_path,
+        self._save(_scatter_flat(tissue.fractions.sum(axis=1) >= 0.5, tissue, grid), grid.affine, mask_path,
                    dtype=np.uint8)
         write_json({"Type": "Brain", "Sources": [_bids_uri(source, self.root)]}, _sidecar(mask_path))
         self._write_tensor_maps(tissue.tensor, tissue, grid, "truth", source, **entities)
         dwi_scan = next((scan for scan in self.subject.scans if scan.modality == "dwi"), None)
         if dwi_scan is not None:
-            noiseless = image_dwi(self.subject, dwi_scan, tissue, grid, self.protocol, rng=None).reshape(
-                -1, len(dwi_scan.bvals))
-            fitted, _ = ols_tensor_fit(noiseless[tissue.index], np.asarray(dwi_scan.bvals),
+            noiseless = dwi_noiseless(self.subject, dwi_scan, tissue, self.protocol)
+            fitted, _ = ols_tensor_fit(noiseless, np.asarray(dwi_scan.bvals),
                                        np.asarray(dwi_scan.bvecs_scanner) @ grid.axes_in_world)
             self._write_tensor_maps(fitted, tissue, grid, "noiselessfit", source, **entities)
         self.bar.update(0)
@@ -250,7 +266,7 @@ class SubjectWriter:
         common = dict(description=description, model="tensor", **entities)
         sources = [_bids_uri(source, self.root)]
         tensor_path = self._path(self.truth_root, "dwi", "dwimap", param="diffusivity", **common)
-        save_nifti(_scatter_flat(tensor, tissue, grid), grid.affine, tensor_path, dtype=np.float32)
+        self._save(_scatter_flat(tensor, tissue, grid), grid.affine, tensor_path, dtype=np.float32)
         frame = "xyz" if entities.get("space") == "T1w" else "ijk"
         write_json({"Units": "mm^2/s", "Sources": sources, "SkullStripped": True,
                     "Description": _TENSOR_DESCRIPTIONS[description],
@@ -258,7 +274,7 @@ class SubjectWriter:
                     "ComponentOrder": ["D11", "D12", "D13", "D22", "D23", "D33"]}, _sidecar(tensor_path))
         for name, values, units in (("fa", fa, "arbitrary"), ("md", md, "mm^2/s")):
             path = self._path(self.truth_root, "dwi", "dwimap", param=name, **common)
-            save_nifti(_scatter_flat(values, tissue, grid), grid.affine, path, dtype=np.float32)
+            self._save(_scatter_flat(values, tissue, grid), grid.affine, path, dtype=np.float32)
             write_json({"Units": units, "Sources": sources, "SkullStripped": True}, _sidecar(path))
 
 

@@ -39,8 +39,9 @@ class RigidPose:
         return m
 
     def head_points(self, scanner_points: np.ndarray) -> np.ndarray:
-        """Scanner points (N, 3) -> head points (N, 3)."""
-        return (scanner_points - np.asarray(self.translation_mm)) @ self.rotation
+        """Scanner points (N, 3) -> head points (N, 3), in the points' floating-point type."""
+        dtype = scanner_points.dtype
+        return (scanner_points - np.asarray(self.translation_mm, dtype=dtype)) @ self.rotation.astype(dtype)
 
     def compose(self, other: "RigidPose") -> "RigidPose":
         """The pose ``self`` applied after ``other`` (angles re-derived from the product)."""

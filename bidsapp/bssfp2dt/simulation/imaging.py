@@ -17,6 +17,7 @@ from bssfp2dt.simulation.subject import Protocol, ScanPlan, SubjectParameters
 
 GM, WM, CSF = 0, 1, 2
 BRAIN_FRACTION_MIN = 1e-3
+WARP_PAD_MM = 6.0  # > the largest smooth displacement (5 mm)
 
 
 @dataclass
@@ -43,12 +44,19 @@ class ScanTissue:
 def sample_tissue(anatomy: Anatomy, subject: SubjectParameters, pose: RigidPose, grid: ImageGrid,
                   with_fibres: bool) -> ScanTissue:
     """Where the anatomy falls on ``grid`` for a head at ``pose``; fibres (tensors) on request."""
-    scanner = grid.world_points()
+    # voxel -> scanner -> head -> template is affine but for the smooth displacement (<= 5 mm), so
+    # the affine part alone finds the voxels near the brain; all per-voxel work happens only there.
+    warp_linear = np.eye(4)
+    warp_linear[:3, :3], warp_linear[:3, 3] = subject.warp.linear, subject.warp.offset
+    template_from_voxel = warp_linear @ np.linalg.inv(pose.matrix) @ grid.affine
+    near = np.flatnonzero(anatomy.near_brain_on_grid(template_from_voxel, grid.shape, pad_mm=WARP_PAD_MM))
+    index = np.stack(np.unravel_index(near, grid.shape), axis=1).astype(np.float64)
+    scanner = index @ grid.affine[:3, :3].T + grid.affine[:3, 3]
     head = pose.head_points(scanner)
     template = subject.warp.to_template(head)
     fractions = anatomy.fractions(template)
     inside = np.flatnonzero(fractions.sum(axis=1) > BRAIN_FRACTION_MIN)
-    tissue = ScanTissue(inside, scanner[inside].astype(np.float64), template[inside], fractions[inside])
+    tissue = ScanTissue(near[inside], scanner[inside], template[inside], fractions[inside])
     if with_fibres:
         _add_tensors(tissue, anatomy, subject, pose, head[inside])
     return tissue
@@ -101,14 +109,14 @@ def image_bssfp(subject: SubjectParameters, scan: ScanPlan, tissue: ScanTissue, 
     df = b0_field_hz(subject, scan, tissue)
     flip = np.deg2rad(p.bssfp_flip_deg) * subject.b1(tissue.scanner_points).astype(np.float64)
     phi0 = scan.phi0(tissue.scanner_points).astype(np.float64)
-    common = dict(tr=p.bssfp_tr, te=p.bssfp_te, flip=flip, df=df, phase_increments=dphi, phi0=phi0)
+    common = dict(tr=p.bssfp_tr, te=p.bssfp_te, flip=flip, df=df, phase_increments=dphi, phi0=phi0, dtype=np.float32)
     f = tissue.fractions
     signal = (f[:, GM] * t.proton_density["GM"])[:, None] * bssfp_steady_state(t.t1["GM"], t.t2["GM"], **common)
     signal += (f[:, CSF] * t.proton_density["CSF"])[:, None] * bssfp_steady_state(t.t1["CSF"], t.t2["CSF"], **common)
     sin2 = 1.0 - tissue.v1_scanner[:, 2] ** 2
     wm = white_matter_bssfp(sin2, 0.4 + 0.4 * tissue.fa_wm, df, p.bssfp_tr, p.bssfp_te, flip, dphi,
                             p.field_strength_t, phi0, subject.fibre_model, subject.pool_relaxation,
-                            subject.orientation_gain)
+                            subject.orientation_gain, dtype=np.float32)
     signal += f[:, WM, None] * wm
     signal *= (SCANNER_SCALE_BSSFP * scan.receive(tissue.scanner_points))[:, None]
     clean = _scatter(signal.astype(np.complex64), tissue, grid, np.complex64)
@@ -123,27 +131,35 @@ SCANNER_SCALE_DWI = 1500.0
 T1W_MAX_INTEGER = 4095
 
 
-def image_dwi(subject: SubjectParameters, scan: ScanPlan, tissue: ScanTissue, grid: ImageGrid,
-              protocol: Protocol, rng: np.random.Generator | None) -> np.ndarray:
-    """DWI (X, Y, Z, N) float32 with Rician noise (noiseless when ``rng`` is None).
+def dwi_noiseless(subject: SubjectParameters, scan: ScanPlan, tissue: ScanTissue, protocol: Protocol,
+                  bvals=None, bvecs=None) -> np.ndarray:
+    """Noiseless DWI of the brain voxels, (M, N) in scanner units.
 
     Partial volume mixes the compartments' signals: S = sum_c f_c S0_c exp(-b g^T D_c g), with
-    S0_c = PD_c exp(-TE/T2_c) (1 - exp(-TR/T1_c)).
+    S0_c = PD_c exp(-TE/T2_c) (1 - exp(-TR/T1_c)), times the receive field. ``bvals``/``bvecs``
+    (scanner frame) default to the scan's scheme.
     """
     t, p = subject.tissues, protocol
-    bvals = np.asarray(scan.bvals)
-    bvecs = np.asarray(scan.bvecs_scanner)
+    bvals = np.asarray(scan.bvals if bvals is None else bvals)
+    bvecs = np.asarray(scan.bvecs_scanner if bvecs is None else bvecs)
     total = np.zeros((len(tissue.index), len(bvals)))
-    s0_wm = None
     for c, name in ((GM, "GM"), (WM, "WM"), (CSF, "CSF")):
-        s0 = t.proton_density[name] * np.exp(-p.dwi_te / t.t2[name]) * (1 - np.exp(-p.dwi_tr / t.t1[name]))
-        s0_wm = s0 if name == "WM" else s0_wm
-        total += dwi_signal(tissue.tissue_tensors[c], tissue.fractions[:, c] * s0, bvals, bvecs)
+        total += dwi_signal(tissue.tissue_tensors[c], tissue.fractions[:, c] * _dwi_s0(t, p, name), bvals, bvecs)
     total *= (SCANNER_SCALE_DWI * scan.receive(tissue.scanner_points))[:, None]
-    image = _scatter(total.astype(np.float32), tissue, grid)
-    if rng is None:
-        return image
-    return rician(image, SCANNER_SCALE_DWI * s0_wm / scan.snr, rng)
+    return total
+
+
+def _dwi_s0(tissues, protocol: Protocol, name: str) -> float:
+    return tissues.proton_density[name] * np.exp(-protocol.dwi_te / tissues.t2[name]) \
+        * (1 - np.exp(-protocol.dwi_tr / tissues.t1[name]))
+
+
+def dwi_with_noise(noiseless: np.ndarray, subject: SubjectParameters, scan: ScanPlan, tissue: ScanTissue,
+                   grid: ImageGrid, protocol: Protocol, rng: np.random.Generator) -> np.ndarray:
+    """Put noiseless brain signals (M, N) on the grid and add Rician noise everywhere: (X, Y, Z, N)
+    float32, sigma = white-matter b0 signal / SNR."""
+    sigma = SCANNER_SCALE_DWI * _dwi_s0(subject.tissues, protocol, "WM") / scan.snr
+    return rician(_scatter(noiseless.astype(np.float32), tissue, grid), sigma, rng)
 
 
 def image_t1w(subject: SubjectParameters, scan: ScanPlan, tissue: ScanTissue, grid: ImageGrid,
