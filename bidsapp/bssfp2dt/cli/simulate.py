@@ -35,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     design.add_argument("--regime", default="realistic", choices=("realistic", "easy"),
                         help="realistic: physical fibre-orientation effect and noise; easy: orientation "
                              "effect x3-5 and high SNR")
-    design.add_argument("--anatomy", default="mni", choices=("mni", "procedural"),
-                        help="MNI ICBM152 template (nilearn) or a procedural geometric phantom")
+    design.add_argument("--anatomy", default=None, choices=("mni", "procedural"),
+                        help="MNI ICBM152 template (nilearn, the default) or a procedural geometric phantom")
     design.add_argument("--random-fibres", action="store_true",
                         help="random fibre direction per region (tells physics from anatomy)")
     design.add_argument("--phase-units", default="rad", choices=("rad", "arbitrary"),
@@ -70,9 +70,9 @@ def config_from_args(args: argparse.Namespace):
                         ("--margin-mm", args.margin_mm)):
         if value is not None and not value > 0:
             raise UsageError(f"{flag} must be > 0, got {value}")
-    anatomy = "procedural" if args.tiny else args.anatomy
-    if args.tiny and args.anatomy == "mni" and "--anatomy" in sys.argv:
+    if args.tiny and args.anatomy == "mni":
         raise UsageError("--tiny uses the procedural phantom; drop --anatomy mni or --tiny")
+    anatomy = args.anatomy or ("procedural" if args.tiny else "mni")
     return SimulationConfig(
         n_subjects=args.subjects, bssfp_sessions=args.bssfp_sessions, dwi_sessions=args.dwi_sessions,
         seed=args.seed, regime=args.regime, anatomy=anatomy,

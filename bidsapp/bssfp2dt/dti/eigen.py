@@ -169,6 +169,10 @@ def eigen_planar(components: np.ndarray, first_vector_only: bool = False) -> tup
     evals : (3, V), descending.
     evecs : (3, 3, V) with ``evecs[i, j]`` = component i of eigenvector j, or (3, 1, V) with only V1.
     """
+    # Work on D / max|D_ij| so that p^3 and the squares neither underflow nor overflow at any scale.
+    scale = np.abs(components).max(axis=0)
+    scale[scale == 0.0] = 1.0
+    components = components / scale
     dxx, dxy, dxz, dyy, dyz, dzz = components
     q = (dxx + dyy + dzz) / 3.0
     axx, ayy, azz = dxx - q, dyy - q, dzz - q
@@ -201,6 +205,7 @@ def eigen_planar(components: np.ndarray, first_vector_only: bool = False) -> tup
             np.ascontiguousarray(components[:, close_pair]), evals[:, close_pair], phi[close_pair], n_vectors)
     if isotropic.any():
         evals[:, isotropic], evecs[:, :, isotropic] = _lapack(components[:, isotropic], n_vectors)
+    evals *= scale
     return evals, evecs
 
 
@@ -219,6 +224,12 @@ def _separated_vectors(components, evals, n_vectors):
         evecs[i, 0] = first[i]
     if n_vectors == 3:
         third = _null_vector(dxx - evals[2], dxy, dxz, dyy - evals[2], dyz, dzz - evals[2])
+        # Gram-Schmidt against v1: the two null vectors are computed independently, so their rounding
+        # errors (~eps ||D|| / gap) would otherwise show up as a loss of orthogonality.
+        overlap = third[0] * first[0] + third[1] * first[1] + third[2] * first[2]
+        third = tuple(t - overlap * f for t, f in zip(third, first))
+        norm = np.sqrt(third[0] * third[0] + third[1] * third[1] + third[2] * third[2])
+        third = tuple(t / norm for t in third)
         for i in range(3):
             evecs[i, 2] = third[i]
         # v2 = v3 x v1 makes (v1, v2, v3) right-handed.

@@ -82,7 +82,6 @@ def resample(volume: np.ndarray, source_affine: np.ndarray, target_shape: tuple[
     flat = volume.reshape(volume.shape[:3] + (-1,)).astype(np.float64, copy=False)
     out = np.empty((int(np.prod(target_shape)), flat.shape[-1]))
     for channel in range(flat.shape[-1]):
-        # prefilter only matters for order > 1; map_coordinates does it itself then.
         out[:, channel] = ndimage.map_coordinates(flat[..., channel], coords, order=order,
                                                   mode="constant", cval=cval)
     return out.reshape(target_shape + extra)

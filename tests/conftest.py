@@ -1,0 +1,21 @@
+"""Shared fixtures: tiny simulated BIDS datasets (procedural phantom, a few seconds each)."""
+from pathlib import Path
+
+import pytest
+
+from bssfp2dt.simulation.dataset import SimulationConfig, simulate_dataset
+
+
+def tiny_config(**overrides) -> SimulationConfig:
+    """The configuration of ``bssfp2dt-simulate --tiny`` with optional overrides."""
+    settings = dict(n_subjects=1, bssfp_sessions=1, dwi_sessions=1, seed=0, anatomy="procedural",
+                    phantom_scale=0.3, margin_mm=4.0, dwi_directions=(30, 30))
+    settings.update(overrides)
+    return SimulationConfig(**settings)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """Two subjects, one pc-bSSFP and two DWI sessions each, realistic regime."""
+    root = tmp_path_factory.mktemp("sim") / "bids"
+    return simulate_dataset(root, tiny_config(n_subjects=2, dwi_sessions=2, seed=11), progress=False)
