@@ -6,12 +6,15 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test test-fast simulate-demo clean
+.PHONY: help install test test-fast demo benchmarks clean
+
+DEMO := demo
 
 help:
+	@echo "make demo      install, simulate a 2-subject dataset in $(DEMO)/bids and run bssfp2dt on it"
+	@echo "make test      install and run the test suite (what CI runs)"
 	@echo "make install   create $(VENV) and install bssfp2dt with its test dependencies"
-	@echo "make test      run the test suite (what CI runs)"
-	@echo "make simulate-demo  write a 2-subject simulated BIDS dataset to demo/bids"
+	@echo "make benchmarks  run the speed/memory benchmarks (minutes; results go in the README)"
 
 $(STAMP): pyproject.toml version
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +31,13 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -x -m "not slow"
 
-simulate-demo: install
-	$(BIN)/bssfp2dt-simulate demo/bids --subjects 2 --bssfp-sessions 1 --dwi-sessions 1 --seed 1 --overwrite
+demo: install
+	$(BIN)/bssfp2dt-simulate $(DEMO)/bids --subjects 2 --bssfp-sessions 1 --dwi-sessions 1 --seed 1 --overwrite
+	$(BIN)/bssfp2dt $(DEMO)/bids $(DEMO)/out participant --dry-run -w $(DEMO)/work
+	@echo "demo: simulated dataset in $(DEMO)/bids (ground truth in $(DEMO)/bids/derivatives/bssfp2dt-truth)"
+
+benchmarks: install
+	for script in benchmarks/bench_*.py; do $(BIN)/python $$script || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info bidsapp/*.egg-info .pytest_cache

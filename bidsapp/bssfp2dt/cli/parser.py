@@ -92,7 +92,7 @@ def build_parser() -> BidsAppArgumentParser:
                     "(or T1w) MRI with a 3D conditional GAN, as a BIDS-App.",
         epilog="Exit codes: 0 ok, 1 failure, 16 invalid BIDS, 17 unknown analysis level, 18 filters selected "
                "no files, 64 usage error, 66 required input missing, 73 cannot create output.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("bids_dir", type=Path, help="root of the input BIDS dataset")
     parser.add_argument("output_dir", type=Path, help="where the BIDS-Derivatives dataset is written")
@@ -133,7 +133,7 @@ def build_parser() -> BidsAppArgumentParser:
     resources.add_argument("--mem", "--mem-gb", "--mem_gb", dest="mem", type=memory_mb, metavar="SIZE",
                            help="memory limit, e.g. 8G, 8GB or 8000M (a bare number is GB)")
     resources.add_argument("--device", type=device_name, default="auto",
-                           help="auto, cpu, cuda or cuda:N")
+                           help="auto, cpu, cuda or cuda:N (default: %(default)s)")
 
     model = parser.add_argument_group("Model and inference")
     model.add_argument("--model", type=Path, metavar="PATH",
@@ -142,9 +142,9 @@ def build_parser() -> BidsAppArgumentParser:
                        help="network width for training from scratch (default: from the checkpoint, "
                             "else reference)")
     model.add_argument("--patch-size", "--patch_size", dest="patch_size", type=positive_int, default=64,
-                       help="cubic patch edge in voxels (training and sliding-window inference)")
+                       help="cubic patch edge in voxels (training and sliding-window inference) (default: %(default)s)")
     model.add_argument("--batch-size", "--batch_size", dest="batch_size", type=positive_int, default=1,
-                       help="patches per batch")
+                       help="patches per batch (default: %(default)s)")
     model.add_argument("--write-preproc", "--write_preproc", dest="write_preproc", action="store_true",
                        help="also write the preprocessed network inputs")
 
@@ -154,9 +154,9 @@ def build_parser() -> BidsAppArgumentParser:
     training.add_argument("--init-checkpoint", "--init_checkpoint", dest="init_checkpoint", type=Path,
                           metavar="PATH", help="checkpoint whose weights start the stage")
     training.add_argument("--max-epochs", "--max_epochs", dest="max_epochs", type=positive_int, default=100,
-                          help="upper bound on epochs (early stopping may end sooner)")
+                          help="upper bound on epochs (early stopping may end sooner) (default: %(default)s)")
     training.add_argument("--seed", type=non_negative_int, default=0,
-                          help="seed of the train/validation/test split, sampling and initialisation")
+                          help="seed of the train/validation/test split, sampling and initialisation (default: %(default)s)")
 
     run = parser.add_argument_group("Run control")
     run.add_argument("--stop-on-first-crash", "--stop_on_first_crash", dest="stop_on_first_crash",

@@ -36,7 +36,7 @@ NEARLY_ISOTROPIC = 1e-6
 #: Smallest eigenvalue gap, relative to p, for eigenvectors by cross products; closer pairs use deflation.
 CLOSE_PAIR = 0.05
 #: Voxels per block of the closed form: blocks of this size keep the temporaries in cache.
-CHUNK_VOXELS = 8192
+CHUNK_VOXELS = 16384
 
 # BEP016 component k -> (row, column) of the symmetric matrix.
 _BEP016_INDEX = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
@@ -169,10 +169,22 @@ def eigen_planar(components: np.ndarray, first_vector_only: bool = False) -> tup
     evals : (3, V), descending.
     evecs : (3, 3, V) with ``evecs[i, j]`` = component i of eigenvector j, or (3, 1, V) with only V1.
     """
-    # Work on D / max|D_ij| so that p^3 and the squares neither underflow nor overflow at any scale.
-    scale = np.abs(components).max(axis=0)
-    scale[scale == 0.0] = 1.0
-    components = components / scale
+    n_vectors = 1 if first_vector_only else 3
+    # Every voxel goes through the closed form (compressing the few special ones out first would cost more
+    # than it saves); the nearly isotropic ones, whose p ~ 0 may give inf/NaN, are overwritten afterwards.
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
+        evals, evecs, out_of_range = _eigen_unscaled(components, n_vectors)
+        if out_of_range.any():
+            # Rare tensors whose squares or p^3 would under/overflow: redo them on D / max|D_ij|.
+            subset = components[:, out_of_range]
+            scale = np.abs(subset).max(axis=0)
+            values, vectors, _ = _eigen_unscaled(np.ascontiguousarray(subset / scale), n_vectors)
+            evals[:, out_of_range], evecs[:, :, out_of_range] = values * scale, vectors
+    return evals, evecs
+
+
+def _eigen_unscaled(components: np.ndarray, n_vectors: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``eigen_planar`` for tensors of moderate scale; also returns the (V,) mask of out-of-range ones."""
     dxx, dxy, dxz, dyy, dyz, dzz = components
     q = (dxx + dyy + dzz) / 3.0
     axx, ayy, azz = dxx - q, dyy - q, dzz - q
@@ -180,33 +192,37 @@ def eigen_planar(components: np.ndarray, first_vector_only: bool = False) -> tup
     p_sq = (axx * axx + ayy * ayy + azz * azz + 2.0 * off_diagonal_sq) / 6.0
     frobenius_sq = dxx * dxx + dyy * dyy + dzz * dzz + 2.0 * off_diagonal_sq
     isotropic = p_sq <= (NEARLY_ISOTROPIC * NEARLY_ISOTROPIC) * frobenius_sq
+    zero = frobenius_sq == 0.0
+    if zero.any():  # exactly zero, or tiny entries whose squares underflowed (redone as out of range)
+        zero[zero] = ~components[:, zero].any(axis=0)
+    # ||D||_F in [1e-75, 1e75] keeps p^3 >= (1e-6 ||D||_F)^3 and every square normal.
+    out_of_range = ~((frobenius_sq >= 1e-150) & (frobenius_sq <= 1e150)) & ~zero
     p = np.sqrt(p_sq)
-    n_vectors = 1 if first_vector_only else 3
 
-    # Every voxel goes through the closed form (compressing the few special ones out first would cost
-    # more than it saves); the nearly isotropic ones, whose p ~ 0 may give inf/NaN, are overwritten below.
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        det = axx * (ayy * azz - dyz * dyz) - dxy * (dxy * azz - dyz * dxz) + dxz * (dxy * dyz - ayy * dxz)
-        phi = np.arccos(np.minimum(np.maximum(det / (2.0 * p * p * p), -1.0), 1.0)) / 3.0
-        evals = np.empty((3, components.shape[1]))
-        cos_phi = np.cos(phi)
-        # cos(phi + 2 pi/3) = -(cos phi + sqrt(3) sin phi) / 2, sin phi >= 0 on [0, pi/3]: saves a cos; the
-        # sqrt loses accuracy only for phi ~ 0, i.e. lambda_2 ~ lambda_3, which _deflated recomputes.
-        sin_phi = np.sqrt(np.maximum(1.0 - cos_phi * cos_phi, 0.0))
-        evals[0] = q + 2.0 * p * cos_phi
-        evals[2] = q - p * (cos_phi + np.sqrt(3.0) * sin_phi)
-        evals[1] = 3.0 * q - evals[0] - evals[2]
-        evecs = _separated_vectors(components, evals, n_vectors)
+    det = axx * (ayy * azz - dyz * dyz) - dxy * (dxy * azz - dyz * dxz) + dxz * (dxy * dyz - ayy * dxz)
+    phi = np.arccos(np.minimum(np.maximum(det / (2.0 * p * p * p), -1.0), 1.0)) / 3.0
+    evals = np.empty((3, components.shape[1]))
+    cos_phi = np.cos(phi)
+    # cos(phi + 2 pi/3) = -(cos phi + sqrt(3) sin phi) / 2, sin phi >= 0 on [0, pi/3]: saves a cos; the
+    # sqrt loses accuracy only for phi ~ 0, i.e. lambda_2 ~ lambda_3, which _deflated recomputes.
+    sin_phi = np.sqrt(np.maximum(1.0 - cos_phi * cos_phi, 0.0))
+    evals[0] = q + 2.0 * p * cos_phi
+    evals[2] = q - p * (cos_phi + np.sqrt(3.0) * sin_phi)
+    evals[1] = 3.0 * q - evals[0] - evals[2]
+    evecs = _separated_vectors(components, evals, n_vectors)
 
     close_pair = np.minimum(evals[0] - evals[1], evals[1] - evals[2]) < CLOSE_PAIR * p
-    close_pair &= ~isotropic
+    close_pair &= ~isotropic & ~out_of_range
     if close_pair.any():
         evals[:, close_pair], evecs[:, :, close_pair] = _deflated(
             np.ascontiguousarray(components[:, close_pair]), evals[:, close_pair], phi[close_pair], n_vectors)
-    if isotropic.any():
-        evals[:, isotropic], evecs[:, :, isotropic] = _lapack(components[:, isotropic], n_vectors)
-    evals *= scale
-    return evals, evecs
+    lapack = isotropic & ~zero & ~out_of_range
+    if lapack.any():
+        evals[:, lapack], evecs[:, :, lapack] = _lapack(components[:, lapack], n_vectors)
+    if zero.any():  # what numpy.linalg.eigh returns, in descending order: columns e_z, e_y, e_x
+        evals[:, zero] = 0.0
+        evecs[:, :, zero] = np.eye(3)[::-1, :n_vectors, None]
+    return evals, evecs, out_of_range
 
 
 def _lapack(components: np.ndarray, n_vectors: int) -> tuple[np.ndarray, np.ndarray]:
@@ -257,7 +273,7 @@ def _deflated(components, evals, phi, n_vectors):
     m_ww = _quadratic_form(components, wx, wy, wz, wx, wy, wz)
     half_sum = 0.5 * (m_uu + m_ww)
     half_difference = 0.5 * (m_uu - m_ww)
-    radius = np.sqrt(half_difference * half_difference + m_uw * m_uw)  # np.hypot is ~10x slower
+    radius = _hypot(half_difference, m_uw)
     cos_a, sin_a = _upper_eigenvector_2x2(half_difference, m_uw, radius)
     upper = (cos_a * ux + sin_a * wx, cos_a * uy + sin_a * wy, cos_a * uz + sin_a * wz)  # of half_sum + radius
 
@@ -277,6 +293,14 @@ def _deflated(components, evals, phi, n_vectors):
     return evals, evecs
 
 
+def _hypot(a, b):
+    """sqrt(a^2 + b^2) without underflow of the squares (np.hypot is ~10x slower)."""
+    largest = np.maximum(np.abs(a), np.abs(b))
+    largest[largest == 0.0] = 1.0
+    a_scaled, b_scaled = a / largest, b / largest
+    return largest * np.sqrt(a_scaled * a_scaled + b_scaled * b_scaled)
+
+
 def _upper_eigenvector_2x2(half_difference, off_diagonal, radius):
     """Unit eigenvector (c, s) of [[h + m, b], [b, m - h]] for its larger eigenvalue m + radius.
 
@@ -284,9 +308,15 @@ def _upper_eigenvector_2x2(half_difference, off_diagonal, radius):
     """
     longer = radius + np.abs(half_difference)
     longer += longer == 0.0  # scalar 2x2 block: any vector is an eigenvector
-    norm = np.sqrt(longer * longer + off_diagonal * off_diagonal)
+    ratio = off_diagonal / longer  # |ratio| <= 1 since radius >= |b|; squaring longer itself could underflow
+    norm = longer * np.sqrt(1.0 + ratio * ratio)
     first = half_difference >= 0.0
-    return np.where(first, longer, off_diagonal) / norm, np.where(first, off_diagonal, longer) / norm
+    cosine = np.where(first, longer, off_diagonal) / norm
+    sine = np.where(first, off_diagonal, longer) / norm
+    # Renormalise: with subnormal inputs (entries ~1e-300 of a unit-scaled tensor) the division above
+    # keeps only a few bits.
+    length = np.sqrt(cosine * cosine + sine * sine)
+    return cosine / length, sine / length
 
 
 def _null_vector(mxx, mxy, mxz, myy, myz, mzz):

@@ -86,6 +86,7 @@ def _maps_planar(components: np.ndarray, min_diffusivity: float | None) -> dict[
     v1 = evecs[:, 0]
     vx, vy, vz = v1
     v1 *= _canonical_sign(vx, vy, vz)
+    v1 += 0.0  # -0.0 -> +0.0, or arctan2 would give -180 deg for an axis along z
     in_plane = np.sqrt(vx * vx + vy * vy)
     return {
         "fa": fa,
@@ -109,11 +110,15 @@ def v1_angles(v1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     v1 = np.asarray(v1, dtype=np.float64)
     vx, vy, vz = v1[..., 0], v1[..., 1], v1[..., 2]
     sign = _canonical_sign(vx, vy, vz)
-    vx, vy, vz = vx * sign, vy * sign, vz * sign
+    vx, vy, vz = vx * sign + 0.0, vy * sign + 0.0, vz * sign + 0.0  # + 0.0 turns -0.0 into +0.0
     return np.degrees(np.arctan2(np.hypot(vx, vy), vz)), np.degrees(np.arctan2(vy, vx))
 
 
 def _canonical_sign(vx, vy, vz):
     """+1 or -1 per axis so that sign * v has z > 0, or z = 0 and y > 0, or z = y = 0 and x >= 0."""
-    flip = (vz < 0.0) | ((vz == 0.0) & ((vy < 0.0) | ((vy == 0.0) & (vx < 0.0))))
-    return np.where(flip, -1.0, 1.0)
+    sign = np.where(vz < 0.0, -1.0, 1.0)
+    in_plane = vz == 0.0
+    if in_plane.any():  # rare: only axes exactly in the xy plane need the tie-breaks
+        x, y = vx[in_plane], vy[in_plane]
+        sign[in_plane] = np.where((y < 0.0) | ((y == 0.0) & (x < 0.0)), -1.0, 1.0)
+    return sign

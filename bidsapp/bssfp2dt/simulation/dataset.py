@@ -60,15 +60,16 @@ class SimulationConfig:
 
 
 def simulate_dataset(output_dir: Path | str, config: SimulationConfig, overwrite: bool = False,
-                     progress: bool = True) -> Path:
+                     progress: bool = True, timings: dict | None = None) -> Path:
     """Simulate ``config.n_subjects`` subjects into ``output_dir`` (created; must be empty unless
-    ``overwrite``). Returns the dataset path. Same config and seed -> byte-identical files."""
+    ``overwrite``). Returns the dataset path. Same config and seed -> byte-identical files.
+    ``timings``, when given, receives seconds per subject and scan (``{"01": {"t1w-ses1": ...}}``)."""
     output_dir = Path(output_dir).resolve()
     staging = output_dir.with_name(f".{output_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        _write_dataset(staging, config, progress)
+        _write_dataset(staging, config, progress, {} if timings is None else timings)
         if output_dir.exists():
             if not overwrite:
                 raise FileExistsError(output_dir)
@@ -79,7 +80,7 @@ def simulate_dataset(output_dir: Path | str, config: SimulationConfig, overwrite
     return output_dir
 
 
-def _write_dataset(root: Path, config: SimulationConfig, progress: bool) -> None:
+def _write_dataset(root: Path, config: SimulationConfig, progress: bool, timings: dict) -> None:
     protocol = config.protocol()
     regime = REGIMES[config.regime]
     seed_sequence = np.random.SeedSequence(config.seed)
@@ -97,7 +98,9 @@ def _write_dataset(root: Path, config: SimulationConfig, progress: bool) -> None
         centre = (anatomy.extent[0] + anatomy.extent[1]) / 2.0
         subject = sample_subject(rng, label, regime, protocol, config.bssfp_sessions, config.dwi_sessions,
                                  centre, reverse_pe=config.reverse_pe)
-        SubjectWriter(root, subject, anatomy, protocol, config, rng, bar, writer).write()
+        subject_writer = SubjectWriter(root, subject, anatomy, protocol, config, rng, bar, writer)
+        subject_writer.write()
+        timings[label] = subject_writer.timings
         rows.append(f"sub-{label}\t{subject.regime}\t{subject.orientation_gain:.3f}\t"
                     f"{subject.base_pose.rotation_deg[0]:.2f}")
     bar.close()
