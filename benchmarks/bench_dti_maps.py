@@ -7,7 +7,7 @@ synthetic tensors: a random orientation and random eigenvalues per voxel for whi
 isotropic or cylindrical). Every method produces the same full-volume maps (FA, MD, AD, RD, colour-FA;
 ours also V1, inclination, azimuth):
 
-- ours: ``tensor_maps(tensor6, mask)``.
+- ours: ``tensor_maps(tensor6, mask)`` (float64 maps).
 - dipy: BEP016 -> 3x3 matrices of the mask voxels, ``decompose_tensor``, ``fractional_anisotropy``,
   ``mean_diffusivity``, ``axial_diffusivity``, ``radial_diffusivity``, ``color_fa``, scattered into
   full volumes (what ``TensorModel.fit(mask=...)`` + ``TensorFit`` properties do).

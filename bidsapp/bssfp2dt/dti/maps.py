@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import numpy.typing
 
 from bssfp2dt.dti.eigen import eigen_planar, mask_voxels, planar_blocks
 
@@ -39,8 +40,8 @@ MAP_NAMES = ("fa", "md", "ad", "rd", "v1", "rgb", "inclination", "azimuth")
 _VECTOR_MAPS = ("v1", "rgb")
 
 
-def tensor_maps(tensor6: np.ndarray, mask: np.ndarray | None = None,
-                min_diffusivity: float | None = 0.0) -> dict[str, np.ndarray]:
+def tensor_maps(tensor6: np.ndarray, mask: np.ndarray | None = None, min_diffusivity: float | None = 0.0,
+                dtype: np.typing.DTypeLike = np.float64) -> dict[str, np.ndarray]:
     """All tensor maps from one eigen-decomposition per voxel.
 
     Parameters
@@ -49,17 +50,19 @@ def tensor_maps(tensor6: np.ndarray, mask: np.ndarray | None = None,
     mask : (...) bool, optional; maps are computed inside it only.
     min_diffusivity : eigenvalues below it are raised to it before the maps (dipy's default 0);
         None keeps them as they are.
+    dtype : of the returned maps; they are always computed in float64. float32 (what the NIfTI files
+        hold) halves the memory of full-volume maps.
 
     Returns
     -------
-    dict (float64 arrays) with
+    dict of ``dtype`` arrays:
     ``fa`` (...) unitless, ``md``, ``ad``, ``rd`` (...) mm^2/s, ``v1`` (..., 3) unit vector with the canonical sign, ``rgb`` (..., 3) colour-FA in [0, 1],
     ``inclination`` and ``azimuth`` (...) in degrees; see the module docstring.
     """
     tensor6 = np.asarray(tensor6)
     batch_shape = tensor6.shape[:-1]
     n_voxels = int(np.prod(batch_shape))
-    maps = {name: np.zeros((n_voxels, 3) if name in _VECTOR_MAPS else n_voxels) for name in MAP_NAMES}
+    maps = {name: np.zeros((n_voxels, 3) if name in _VECTOR_MAPS else n_voxels, dtype=dtype) for name in MAP_NAMES}
     # Scatter one component at a time: fancy assignment of (V,) runs ~2x faster than of (V, 3) rows.
     targets = {name: [maps[name][:, k] for k in range(3)] if name in _VECTOR_MAPS else [maps[name]]
                for name in MAP_NAMES}

@@ -1,0 +1,1 @@
+"""Whole-volume prediction: device choice and sliding-window inference."""
