@@ -117,7 +117,7 @@ def main() -> None:
     t_ours = best_time(lambda: tensor_maps(tensor6, mask), args.repeats)
     t_dipy = best_time(lambda: dipy_maps(tensor6, mask), args.repeats)
     subset = bep016_to_matrix(tensor6[mask][:args.loop_voxels])
-    t_loop = best_time(lambda: loop_maps(subset), 1) * n_mask / subset.shape[0]
+    t_loop = best_time(lambda: loop_maps(subset), args.repeats) * n_mask / subset.shape[0]
 
     print(f"machine: {machine_description()}")
     print(f"volume {SHAPE}, {n_mask} mask voxels; max |ours - dipy| (FA, RGB; diffusivities / 3e-3) = {worst:.1e}")

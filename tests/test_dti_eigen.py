@@ -178,3 +178,12 @@ def test_any_symmetric_matrix_is_decomposed(components, exponent):
     lapack = np.linalg.eigvalsh(bep016_to_matrix(tensor6))[:, ::-1]
     scale = np.abs(tensor6).max() + 1e-300
     np.testing.assert_allclose(evals, lapack, rtol=0, atol=1e-12 * scale)
+
+
+def test_exact_multiples_of_identity_match_numpy_eigh():
+    tensor6 = np.zeros((3, 6))
+    tensor6[:, [0, 3, 5]] = np.array([[3e-3], [0.0], [-1e-4]])
+    evals, evecs = eigh_tensor(tensor6)
+    lapack_values, lapack_vectors = np.linalg.eigh(bep016_to_matrix(tensor6))
+    np.testing.assert_array_equal(evals, lapack_values[:, ::-1])
+    np.testing.assert_array_equal(evecs, lapack_vectors[:, :, ::-1])

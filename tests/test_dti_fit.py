@@ -100,6 +100,16 @@ def test_zero_and_negative_signals_are_clipped_like_dipy(small_64d):
     assert s0[0] == pytest.approx(1e-4)
 
 
+def test_non_finite_voxels_are_not_fitted(small_64d, caplog):
+    dwi, bvals, bvecs = small_64d
+    voxels = dwi[5, 5, 3:6].copy()
+    voxels[1, 7] = np.nan
+    tensor6, s0 = fit_tensor(voxels, bvals, bvecs)
+    assert not tensor6[1].any() and s0[1] == 0.0
+    np.testing.assert_allclose(tensor6[[0, 2]], fit_tensor(voxels[[0, 2]], bvals, bvecs)[0], rtol=1e-12)
+    assert "1 voxels with non-finite DWI signals" in caplog.text
+
+
 def test_bad_gradients_raise():
     bvals = np.array([0.0, 1000.0, 1000.0, 1000.0, 1000.0, 1000.0, 1000.0])
     bvecs = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=float)

@@ -9,8 +9,10 @@ Fit (as ``dipy.reconst.dti.TensorModel(gtab, fit_method="WLS")``, Chung et al. 2
 2. ordinary least squares on the log signals;
 3. one weighted least squares pass with weights = (OLS-predicted signal)^2.
 The weighted normal equations of all voxels of a chunk are built with two matrix products
-(weights @ pairwise products of design columns) and solved with a batched 7x7 ``numpy.linalg.solve``;
-the design columns are scaled to unit norm first so the normal equations stay well conditioned.
+(pairwise products of design columns @ weights) and solved by a 7x7 Cholesky factorisation unrolled
+across voxels (one vector operation per matrix entry); the design columns are scaled to unit norm first
+so the normal equations stay well conditioned. Voxels whose normal matrix is numerically singular fall
+back to a pseudo-inverse.
 Unlike dipy, the fitted tensor is returned as is (dipy rebuilds it from eigenvalues clipped at
 1e-6 / max(b), which changes only tensors with negative eigenvalues). A torch backend was measured
 slower than this on CPU (batched 7x7 solves cost ~6x more in torch), so there is none.
@@ -94,7 +96,8 @@ def fit_tensor(dwi: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: np.n
     dwi : (..., N) diffusion-weighted signals (arbitrary units, any real dtype).
     bvals : (N,) s/mm^2; bvecs : (N, 3) or (3, N) (see ``design_matrix``); at least 7 volumes that
         determine the 6 tensor elements and S0.
-    mask : (...) bool, optional; voxels outside it are not fitted and get zeros.
+    mask : (...) bool, optional; voxels outside it, and voxels with a non-finite signal, are not fitted
+        and get zeros (the latter with a logged warning).
     min_signal : signals below it (zeros, negatives) are raised to it before the log; > 0.
 
     Returns
@@ -133,11 +136,15 @@ def fit_tensor(dwi: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: np.n
             params[index] = solver.fit(flat[index], min_signal)
     logger.debug("WLS tensor fit of %d voxels, %d volumes", n_fit, design.shape[0])
 
+    not_fitted = np.isnan(params[:, 0])
+    if not_fitted.any():
+        logger.warning("%d voxels with non-finite DWI signals were not fitted (zero tensor and S0)",
+                       int(not_fitted.sum()))
+        params[not_fitted] = 0.0
     s0 = np.exp(params[:, 6])
-    if voxels is not None:
-        outside = np.ones(flat.shape[0], dtype=bool)
-        outside[voxels] = False
-        s0[outside] = 0.0
+    fitted = np.zeros(flat.shape[0], dtype=bool)
+    fitted[slice(None) if voxels is None else voxels] = True
+    s0[~fitted | not_fitted] = 0.0
     return params[:, :6].reshape(batch_shape + (6,)), s0.reshape(batch_shape)
 
 
@@ -156,8 +163,12 @@ class _WlsSolver:
         self.pair_products_t = np.ascontiguousarray((self.scaled[:, rows] * self.scaled[:, columns]).T)  # (28, N)
 
     def fit(self, signals: np.ndarray, min_signal: float) -> np.ndarray:
-        """(V, N) signals -> (V, 7) parameters (BEP016 tensor, log S0)."""
-        log_signal = np.log(np.maximum(signals.astype(np.float64, copy=False), min_signal))
+        """(V, N) signals -> (V, 7) parameters (BEP016 tensor, log S0); NaN for voxels with non-finite signals."""
+        signals = signals.astype(np.float64, copy=False)
+        finite = np.isfinite(signals).all(axis=1)
+        if not finite.all():
+            signals = np.where(finite[:, None], signals, 1.0)  # fitted harmlessly, then marked NaN below
+        log_signal = np.log(np.maximum(signals, min_signal))
         ols = log_signal @ self.ols_pinv.T
         # Squared OLS-predicted signal, scaled per voxel to a maximum of 1 (the solution does not depend on
         # the scale) so that no voxel's weights underflow or overflow.
@@ -171,6 +182,7 @@ class _WlsSolver:
         failed = ~np.isfinite(solution).all(axis=0)
         if failed.any():  # singular normal matrix (e.g. a constant signal): minimum-norm least squares
             solution[:, failed] = self._pinv_solve(normal_lower[:, failed], rhs[:, failed])
+        solution[:, ~finite] = np.nan
         return (solution * self.column_scale[:, None]).T
 
     def _cholesky_solve(self, normal_lower: np.ndarray, rhs: np.ndarray) -> np.ndarray:

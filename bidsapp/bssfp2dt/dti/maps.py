@@ -9,7 +9,7 @@ not physical; ``min_diffusivity=None`` keeps them, e.g. to get MD = trace / 3 fo
 - MD = (l1 + l2 + l3) / 3, AD = l1, RD = (l2 + l3) / 2, in the tensor's units (mm^2/s).
 - V1: unit principal eigenvector (x, y, z) in the tensor's frame (the image axes for BEP016
   ``Reference: "xyz"``). V1 is an axis, so its sign is made canonical: z > 0, or z = 0 and y > 0,
-  or z = y = 0 and x > 0.
+  or z = y = 0 and x >= 0.
 - colour-FA (RGB): |V1| * clip(FA, 0, 1), (..., 3), red = x, green = y, blue = z; non-negative.
 - inclination: polar angle of V1 from the +z axis, arctan2(sqrt(x^2 + y^2), z), in degrees, in [0, 90]
   (0 = along z, 90 = in the xy plane).
@@ -22,18 +22,15 @@ The reference method's evaluation ("Evaluation Pipeline" in the thesis summary) 
 azimuth of the principal eigenvector without formulas; the standard spherical-coordinate definitions
 above are this project's choice.
 
-Voxels outside the mask or with a non-finite component get 0 in every map.
+Voxels outside the mask or with a non-finite component get 0 in every map; all-zero tensors inside
+it get FA = 0 and the arbitrary axis V1 = (0, 0, 1) (inclination 0, azimuth 0).
 """
 from __future__ import annotations
 
-import logging
-
 import numpy as np
-import numpy.typing
+from numpy.typing import DTypeLike
 
 from bssfp2dt.dti.eigen import eigen_planar, mask_voxels, planar_blocks
-
-logger = logging.getLogger(__name__)
 
 #: Keys of the dict returned by ``tensor_maps``.
 MAP_NAMES = ("fa", "md", "ad", "rd", "v1", "rgb", "inclination", "azimuth")
@@ -41,7 +38,7 @@ _VECTOR_MAPS = ("v1", "rgb")
 
 
 def tensor_maps(tensor6: np.ndarray, mask: np.ndarray | None = None, min_diffusivity: float | None = 0.0,
-                dtype: np.typing.DTypeLike = np.float64) -> dict[str, np.ndarray]:
+                dtype: DTypeLike = np.float64) -> dict[str, np.ndarray]:
     """All tensor maps from one eigen-decomposition per voxel.
 
     Parameters
@@ -55,8 +52,8 @@ def tensor_maps(tensor6: np.ndarray, mask: np.ndarray | None = None, min_diffusi
 
     Returns
     -------
-    dict of ``dtype`` arrays:
-    ``fa`` (...) unitless, ``md``, ``ad``, ``rd`` (...) mm^2/s, ``v1`` (..., 3) unit vector with the canonical sign, ``rgb`` (..., 3) colour-FA in [0, 1],
+    dict of ``dtype`` arrays (keys ``MAP_NAMES``): ``fa`` (...) unitless; ``md``, ``ad``, ``rd`` (...)
+    mm^2/s; ``v1`` (..., 3) unit vector with the canonical sign; ``rgb`` (..., 3) colour-FA in [0, 1];
     ``inclination`` and ``azimuth`` (...) in degrees; see the module docstring.
     """
     tensor6 = np.asarray(tensor6)
@@ -119,8 +116,9 @@ def v1_angles(v1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _canonical_sign(vx, vy, vz):
     """+1 or -1 per axis so that sign * v has z > 0, or z = 0 and y > 0, or z = y = 0 and x >= 0."""
-    sign = np.where(vz < 0.0, -1.0, 1.0)
-    in_plane = vz == 0.0
+    vx, vy, vz = np.asarray(vx), np.asarray(vy), np.asarray(vz)
+    sign = np.array(np.copysign(1.0, vz))
+    in_plane = np.asarray(vz == 0.0)  # also catches -0.0, whose copysign is -1
     if in_plane.any():  # rare: only axes exactly in the xy plane need the tie-breaks
         x, y = vx[in_plane], vy[in_plane]
         sign[in_plane] = np.where((y < 0.0) | ((y == 0.0) & (x < 0.0)), -1.0, 1.0)

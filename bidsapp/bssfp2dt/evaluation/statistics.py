@@ -48,7 +48,7 @@ COLUMN_DESCRIPTIONS = {
     "statistic": "weighted_mean (probability-weighted), median, p01, p25, p75, p99, mean, std (voxels above "
                  "the probability threshold); value for image metrics",
     "value": "the statistic (ratio for relative errors, deg for angles)",
-    "n_voxels": "voxels the statistic is computed from",
+    "n_voxels": "voxels the statistic is computed from (diagonal/offdiagonal: voxel-element pairs, 3 per voxel)",
     "n_excluded": "voxels of the same selection excluded (near-zero or undefined reference)",
 }
 

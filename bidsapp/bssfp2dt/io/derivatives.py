@@ -19,7 +19,7 @@ import numpy as np
 
 from bssfp2dt import __version__
 from bssfp2dt.errors import OutputError
-from bssfp2dt.io.naming import bids_path
+from bssfp2dt.io.naming import bids_filename, bids_path
 from bssfp2dt.io.nifti import save_nifti, write_json, write_text
 
 logger = logging.getLogger(__name__)
@@ -111,6 +111,36 @@ def tensor_map_paths(subject: str, session: str | None, modality: str, root: Pat
         csf=bids_path(root, "anat", "probseg", label="CSF", **common),
         brain_mask=bids_path(root, "anat", "mask", description="brain", **common),
     )
+
+
+@dataclass(frozen=True)
+class PreprocPaths:
+    """The ``--write-preproc`` images of one subject and session (``desc-preproc``, space-T1w, not normalised)."""
+
+    bssfp_magnitude: Path
+    bssfp_phase: Path
+    t1w: Path
+    diffusivity: Path
+
+
+def preproc_paths(subject: str, session: str | None, root: Path | str = ".") -> PreprocPaths:
+    """Paths of the preprocessed (``desc-preproc``) images under ``root``; masks and tissue maps use
+    the :func:`tensor_map_paths` names (they are the same images)."""
+    common = {"subject": subject, "session": session, "space": SPACE, "description": "preproc"}
+    root = Path(root)
+    return PreprocPaths(
+        bssfp_magnitude=bids_path(root, "anat", "T2w", acquisition="pcbssfp", part="mag", **common),
+        bssfp_phase=bids_path(root, "anat", "T2w", acquisition="pcbssfp", part="phase", **common),
+        t1w=bids_path(root, "anat", "T1w", **common),
+        diffusivity=bids_path(root, "dwi", "dwimap", model="tensor", param="diffusivity", **common),
+    )
+
+
+def preproc_sidecar(sources: Iterable[str], spatial_reference: str, description: str, units: str, *,
+                    skull_stripped: bool = True, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Sidecar of a ``desc-preproc`` image: what was done (``description``), its units and extra fields."""
+    return {**_common(sources, spatial_reference, skull_stripped), "Description": description, "Units": units,
+            **dict(extra or {})}
 
 
 def sidecar_path(image: Path) -> Path:
@@ -323,3 +353,87 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError):
         return {}
     return content if isinstance(content, dict) else {}
+
+
+# --------------------------------------------------------------------------- evaluation outputs
+ERROR_TABLE_PATTERN = "*_errors.tsv"
+GROUP_ERRORS_NAME = "group_errors.tsv"
+GROUP_SUMMARY_NAME = "group_summary.tsv"
+GROUP_REPORT_NAME = "group_report.html"
+FIGURES_FOLDER = "figures"
+
+
+def evaluation_desc(modality: str, reference_session: str | None = None) -> str:
+    """desc label of the error outputs: ``pcbssfperror`` (+ ``ref<ses>`` when the reference DWI has a session).
+
+    ``modality`` is an ``--input-modality`` value or its desc label.
+    """
+    desc = MODALITY_DESC.get(modality, modality)
+    if desc not in MODALITY_DESC.values():
+        raise ValueError(f"unknown input modality {modality!r}")
+    return f"{desc}error" + (f"ref{reference_session}" if reference_session else "")
+
+
+def error_map_path(root: Path | str, subject: str, session: str | None, modality: str, param: str,
+                   reference_session: str | None = None) -> Path:
+    """Error map of one tensor parameter, next to the prediction it evaluates:
+    ``sub-<s>/[ses-<i>/]dwi/..._space-T1w_desc-<modality>error[ref<r>]_model-tensor_param-<param>_dwimap.nii.gz``.
+
+    ``session``: the prediction's (input) session; ``reference_session``: the reference DWI's session.
+    """
+    return bids_path(Path(root), "dwi", "dwimap", subject=subject, session=session, space=SPACE,
+                     description=evaluation_desc(modality, reference_session), model="tensor", param=param)
+
+
+def error_table_path(root: Path | str, subject: str, session: str | None, modality: str,
+                     reference_session: str | None = None) -> Path:
+    """Per-subject error statistics ``sub-<s>/[ses-<i>/]dwi/..._desc-<modality>error[ref<r>]_errors.tsv``
+    (its JSON sidecar: :func:`sidecar_path` of the same name)."""
+    return bids_path(Path(root), "dwi", "errors", ".tsv", subject=subject, session=session, space=SPACE,
+                     description=evaluation_desc(modality, reference_session))
+
+
+def error_table_sidecar_path(table: Path) -> Path:
+    """``x_errors.tsv`` -> ``x_errors.json``."""
+    return Path(table).with_suffix(".json")
+
+
+def find_error_tables(output_dir: Path | str, subject: str) -> tuple[Path, ...]:
+    """Error TSVs the participant level wrote for one subject (sorted)."""
+    return tuple(sorted((Path(output_dir) / f"sub-{subject}").rglob(ERROR_TABLE_PATTERN)))
+
+
+def participant_report_path(output_dir: Path | str, subject: str) -> Path:
+    """``output_dir/sub-<s>.html`` (fMRIPrep's place for the subject report)."""
+    return Path(output_dir) / f"sub-{subject}.html"
+
+
+def participant_figure_path(output_dir: Path | str, subject: str, session: str | None, modality: str,
+                            reference_session: str | None, figure: str) -> Path:
+    """``output_dir/sub-<s>/figures/sub-<s>[_ses-<i>]_desc-<modality>error[ref<r>]_<figure>.png``
+    (``figure`` alphanumeric, e.g. ``D11``, ``errormaps``)."""
+    name = bids_filename(figure, ".png", subject=subject, session=session,
+                         description=evaluation_desc(modality, reference_session))
+    return Path(output_dir) / f"sub-{subject}" / FIGURES_FOLDER / name
+
+
+def group_errors_path(output_dir: Path | str) -> Path:
+    """Long-format table of every participant's error statistics: ``group/group_errors.tsv``."""
+    return group_dir(Path(output_dir)) / GROUP_ERRORS_NAME
+
+
+def group_summary_path(output_dir: Path | str) -> Path:
+    """Summary over subjects per modality, tissue and metric: ``group/group_summary.tsv``."""
+    return group_dir(Path(output_dir)) / GROUP_SUMMARY_NAME
+
+
+def group_report_path(output_dir: Path | str) -> Path:
+    """``group/group_report.html``."""
+    return group_dir(Path(output_dir)) / GROUP_REPORT_NAME
+
+
+def group_figure_path(output_dir: Path | str, figure: str) -> Path:
+    """``group/figures/<figure>.png`` (``figure`` alphanumeric or with ``-``/``_``)."""
+    if not figure.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"figure name {figure!r} must be alphanumeric")
+    return group_dir(Path(output_dir)) / FIGURES_FOLDER / f"{figure}.png"

@@ -1,0 +1,1 @@
+"""Pipelines the CLI dispatches to: participant, group and training levels."""

@@ -1,0 +1,436 @@
+"""The cached, resumable per-subject preprocessing workflow (nipype) and its entry point.
+
+One nipype workflow per subject, ``base_dir`` = the run's work directory. Nodes are Function nodes
+wrapping the steps of :mod:`bssfp2dt.preprocessing.pipeline`; each writes its files into its own node
+folder ``<work_dir>/preproc_sub_<label>/<node>/``. The T1w nodes exist once per distinct T1w image
+(usually one per subject, shared by all sessions); bSSFP, DWI and summary nodes once per session.
+
+Caching: nipype reruns a node only when the hash of its inputs changes. Inputs that are paths of
+existing files are hashed with ``hash_method = "content"`` (md5 of the file), not ``"timestamp"``
+(size + mtime): raw datasets are often copied or re-bound into containers, which changes mtimes but
+not content, and a rerun upstream node that writes identical bytes then does not invalidate its
+children. Settings are plain dicts, hashed by value. A rerun with the same work directory therefore
+executes no finished node again; a crash resumes from the failed node. Crash files go to
+``output_dir/sub-<label>/log/<run-uuid>/`` (nipype's ``crashdump_dir``).
+
+Execution: ``MultiProc`` with ``n_procs = --nprocs`` (``Linear`` when 1). nipype's own loggers stay
+at WARNING unless ``-v``; one INFO line per step (with its run time, or "cached") is logged here.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import nibabel as nib
+import numpy as np
+
+from bssfp2dt.errors import Bssfp2dtError, MissingInputError
+from bssfp2dt.preprocessing.pipeline import PreprocSettings, check_settings
+
+logger = logging.getLogger(__name__)
+
+HASH_METHOD = "content"
+NIPYPE_LOGGERS = ("nipype.workflow", "nipype.interface", "nipype.utils")
+
+
+@dataclass(frozen=True)
+class PreprocessedSession:
+    """Preprocessed images of one session, all float32 on the common grid (uint8 mask), not normalised.
+
+    Attributes:
+        t1w: T1w (scanner units), masked; also the common grid's reference (affine, shape).
+        brain_mask: uint8 brain mask.
+        gm, wm, csf: tissue probabilities (0..1).
+        bssfp: ``(X, Y, Z, 24)`` interleaved magnitude (scanner units) / phase (rad), or None.
+        tensor: ``(X, Y, Z, 6)`` DWI tensor (mm^2/s, BEP016, xyz frame), or None.
+        provenance: JSON of every step (registration parameters, skipped steps, timings).
+    """
+
+    subject: str
+    session: str | None
+    t1w_session: str | None
+    t1w: Path
+    brain_mask: Path
+    gm: Path
+    wm: Path
+    csf: Path
+    bssfp: Path | None
+    tensor: Path | None
+    provenance: Path
+
+
+@dataclass(frozen=True)
+class PreprocessedSubject:
+    """All preprocessed sessions of one subject."""
+
+    subject: str
+    sessions: tuple[PreprocessedSession, ...]
+
+    def session(self, label: str | None) -> PreprocessedSession:
+        """The session with this label (None for datasets without sessions)."""
+        for item in self.sessions:
+            if item.session == label:
+                return item
+        raise KeyError(f"sub-{self.subject} has no preprocessed session {label!r}")
+
+
+# --------------------------------------------------------------------------- node functions
+# nipype runs Function nodes from their source text, so each imports what it needs itself.
+def _t1w_mask_node(t1w, prior_mask):
+    from bssfp2dt.preprocessing.pipeline import t1w_mask
+    return t1w_mask(t1w, prior_mask)
+
+
+def _t1w_grid_node(t1w, mask, voxel_mm):
+    from bssfp2dt.preprocessing.pipeline import t1w_to_grid
+    return t1w_to_grid(t1w, mask, voxel_mm)
+
+
+def _tissue_node(t1w_grid, mask_grid, gm, wm, csf):
+    from bssfp2dt.preprocessing.pipeline import tissue_maps
+    return tissue_maps(t1w_grid, mask_grid, gm, wm, csf)
+
+
+def _bssfp_prepare_node(magnitude, phase, phase_units, settings):
+    from bssfp2dt.preprocessing.pipeline import prepare_bssfp
+    return prepare_bssfp(magnitude, phase, phase_units, settings)
+
+
+def _register_node(t1w, moving, settings, what):
+    from bssfp2dt.preprocessing.pipeline import register_to_t1w
+    return register_to_t1w(t1w, moving, settings, what)
+
+
+def _bssfp_grid_node(complex_path, transform_json, t1w_grid, mask_grid, settings):
+    from bssfp2dt.preprocessing.pipeline import bssfp_to_grid
+    return bssfp_to_grid(complex_path, transform_json, t1w_grid, mask_grid, settings)
+
+
+def _dwi_prepare_node(dwi, bval, bvec, settings):
+    from bssfp2dt.preprocessing.pipeline import preprocess_dwi
+    return preprocess_dwi(dwi, bval, bvec, settings)
+
+
+def _tensor_fit_node(dwi, bval, bvec, mask):
+    from bssfp2dt.preprocessing.pipeline import fit_dwi_tensor
+    return fit_dwi_tensor(dwi, bval, bvec, mask)
+
+
+def _tensor_grid_node(tensor, transform_json, t1w_grid, mask_grid):
+    from bssfp2dt.preprocessing.pipeline import tensor_to_grid
+    return tensor_to_grid(tensor, transform_json, t1w_grid, mask_grid)
+
+
+def _collect_node(subject, session, t1w_session, t1w, brain_mask, gm, wm, csf, bssfp, tensor, provenance, inputs):
+    from bssfp2dt.preprocessing.pipeline import collect_session
+    outputs = {"t1w": t1w, "brain_mask": brain_mask, "gm": gm, "wm": wm, "csf": csf, "bssfp": bssfp,
+               "tensor": tensor, "t1w_session": t1w_session}
+    return collect_session(subject, session, outputs, provenance, inputs)
+
+
+# --------------------------------------------------------------------------- building
+def _function_node(function, inputs: dict[str, Any], outputs: Sequence[str], name: str):
+    from nipype.interfaces.utility import Function
+    from nipype.pipeline.engine import Node
+
+    node = Node(Function(input_names=list(inputs), output_names=list(outputs), function=function), name=name)
+    for key, value in inputs.items():
+        if value is not _CONNECTED:
+            setattr(node.inputs, key, value)
+    return node
+
+
+_CONNECTED = object()  # marks an input that an edge fills
+
+
+def _node_label(label: str | None) -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", label) if label else "nosession"
+
+
+def workflow_name(subject: str) -> str:
+    """Folder of the subject's workflow under the work directory."""
+    return f"preproc_sub_{_node_label(subject)}"
+
+
+def build_workflow(subject_inputs, settings: PreprocSettings, work_dir: Path, crash_dir: Path,
+                   stop_on_first_crash: bool = False):
+    """The nipype workflow of one subject (not run).
+
+    Args:
+        subject_inputs: :class:`bssfp2dt.io.bids.SubjectInputs`.
+        settings: preprocessing choices.
+        work_dir: the cache folder (``base_dir``).
+        crash_dir: where nipype writes crash files.
+    Returns:
+        ``(workflow, collect)``: the workflow and ``{session label: summary node name}``.
+    """
+    from nipype.interfaces.utility import Merge
+    from nipype.pipeline.engine import Node, Workflow
+
+    check_settings(settings)
+    options = settings.to_dict()
+    workflow = Workflow(name=workflow_name(subject_inputs.subject), base_dir=str(work_dir))
+    workflow.config["execution"] = {"crashdump_dir": str(crash_dir), "hash_method": HASH_METHOD,
+                                    "stop_on_first_crash": str(stop_on_first_crash).lower(),
+                                    "crashfile_format": "txt", "remove_unnecessary_outputs": "false",
+                                    "create_report": "false"}
+    t1w_nodes: dict[Path, tuple[Any, Any]] = {}
+    collect: dict[str | None, str] = {}
+    for session in subject_inputs.sessions:
+        if session.t1w is None:
+            logger.warning("sub-%s ses-%s has no T1w: not preprocessed", session.subject, session.session)
+            continue
+        t1w_path = Path(session.t1w.image)
+        if t1w_path not in t1w_nodes:
+            t1w_nodes[t1w_path] = _t1w_branch(workflow, session, len(t1w_nodes), settings.voxel_mm)
+        grid, tissue = t1w_nodes[t1w_path]
+        tag = _node_label(session.session)
+        merge = Node(Merge(3), name=f"provenance_ses{tag}")
+        workflow.connect(grid, "provenance", merge, "in1")
+        workflow.connect(tissue, "provenance", merge, "in2")
+        collector = _function_node(_collect_node, {
+            "subject": session.subject, "session": session.session, "t1w_session": session.t1w.session,
+            "t1w": _CONNECTED, "brain_mask": _CONNECTED, "gm": _CONNECTED, "wm": _CONNECTED, "csf": _CONNECTED,
+            "bssfp": None, "tensor": None, "provenance": _CONNECTED, "inputs": _raw_inputs(session)},
+            ["summary"], f"collect_ses{tag}")
+        workflow.connect([(grid, collector, [("t1w_grid", "t1w"), ("mask_grid", "brain_mask")]),
+                          (tissue, collector, [("gm", "gm"), ("wm", "wm"), ("csf", "csf")]),
+                          (merge, collector, [("out", "provenance")])])
+        extra = []
+        if session.bssfp is not None:
+            extra.append(_bssfp_branch(workflow, session, tag, options, grid, collector))
+        if session.dwi is not None:
+            extra.append(_dwi_branch(workflow, session, tag, options, grid, collector))
+        if extra:
+            more = Node(Merge(len(extra) * 3), name=f"provenance_steps_ses{tag}")
+            for index, (node, field) in enumerate(step for branch in extra for step in branch):
+                workflow.connect(node, field, more, f"in{index + 1}")
+            workflow.connect(more, "out", merge, "in3")
+        else:
+            merge.inputs.in3 = []
+        collect[session.session] = collector.name
+    if not collect:
+        raise MissingInputError(f"sub-{subject_inputs.subject} has no session with a T1w; add one")
+    return workflow, collect
+
+
+def _raw_inputs(session) -> list[str]:
+    """The session's raw input files, T1w first (it is the outputs' spatial reference)."""
+    files = [session.t1w.image]
+    if session.bssfp is not None:
+        files += [session.bssfp.magnitude, session.bssfp.phase]
+    if session.dwi is not None:
+        files += [session.dwi.image, session.dwi.bval, session.dwi.bvec]
+    return [str(path) for path in files]
+
+
+def _t1w_branch(workflow, session, index: int, voxel_mm: float):
+    priors = session.priors
+    mask = _function_node(_t1w_mask_node, {"t1w": str(session.t1w.image),
+                                           "prior_mask": str(priors.brain_mask) if priors.brain_mask else None},
+                          ["mask", "provenance"], f"t1w_mask_{index}")
+    grid = _function_node(_t1w_grid_node, {"t1w": str(session.t1w.image), "mask": _CONNECTED, "voxel_mm": voxel_mm},
+                          ["t1w_grid", "mask_grid", "provenance"], f"t1w_grid_{index}")
+    tissue = _function_node(_tissue_node, {"t1w_grid": _CONNECTED, "mask_grid": _CONNECTED,
+                                           **{name: str(getattr(priors, name)) if getattr(priors, name) else None
+                                              for name in ("gm", "wm", "csf")}},
+                            ["gm", "wm", "csf", "provenance"], f"tissue_{index}")
+    workflow.connect([(mask, grid, [("mask", "mask")]),
+                      (grid, tissue, [("t1w_grid", "t1w_grid"), ("mask_grid", "mask_grid")])])
+    return grid, tissue
+
+
+def _bssfp_branch(workflow, session, tag: str, options: dict, grid, collector):
+    bssfp = session.bssfp
+    prepare = _function_node(_bssfp_prepare_node, {"magnitude": str(bssfp.magnitude), "phase": str(bssfp.phase),
+                                                   "phase_units": bssfp.phase_units, "settings": options},
+                             ["complex_path", "reference", "provenance"], f"bssfp_prepare_ses{tag}")
+    register = _function_node(_register_node, {"t1w": str(session.t1w.image), "moving": _CONNECTED,
+                                               "settings": options, "what": "bssfp"},
+                              ["transform", "provenance"], f"bssfp_register_ses{tag}")
+    to_grid = _function_node(_bssfp_grid_node, {"complex_path": _CONNECTED, "transform_json": _CONNECTED,
+                                                "t1w_grid": _CONNECTED, "mask_grid": _CONNECTED, "settings": options},
+                             ["channels", "provenance"], f"bssfp_grid_ses{tag}")
+    workflow.connect([(prepare, register, [("reference", "moving")]),
+                      (prepare, to_grid, [("complex_path", "complex_path")]),
+                      (register, to_grid, [("transform", "transform_json")]),
+                      (grid, to_grid, [("t1w_grid", "t1w_grid"), ("mask_grid", "mask_grid")]),
+                      (to_grid, collector, [("channels", "bssfp")])])
+    return [(prepare, "provenance"), (register, "provenance"), (to_grid, "provenance")]
+
+
+def _dwi_branch(workflow, session, tag: str, options: dict, grid, collector):
+    dwi = session.dwi
+    prepare = _function_node(_dwi_prepare_node, {"dwi": str(dwi.image), "bval": str(dwi.bval), "bvec": str(dwi.bvec),
+                                                 "settings": options},
+                             ["dwi", "bvec", "mask", "mean_b0", "provenance"], f"dwi_prepare_ses{tag}")
+    fit = _function_node(_tensor_fit_node, {"dwi": _CONNECTED, "bval": str(dwi.bval), "bvec": _CONNECTED,
+                                            "mask": _CONNECTED}, ["tensor", "provenance"], f"dwi_tensor_ses{tag}")
+    register = _function_node(_register_node, {"t1w": str(session.t1w.image), "moving": _CONNECTED,
+                                               "settings": options, "what": "dwi"},
+                              ["transform", "provenance"], f"dwi_register_ses{tag}")
+    to_grid = _function_node(_tensor_grid_node, {"tensor": _CONNECTED, "transform_json": _CONNECTED,
+                                                 "t1w_grid": _CONNECTED, "mask_grid": _CONNECTED},
+                             ["tensor", "provenance"], f"dwi_grid_ses{tag}")
+    workflow.connect([(prepare, fit, [("dwi", "dwi"), ("bvec", "bvec"), ("mask", "mask")]),
+                      (prepare, register, [("mean_b0", "moving")]),
+                      (fit, to_grid, [("tensor", "tensor")]),
+                      (register, to_grid, [("transform", "transform_json")]),
+                      (grid, to_grid, [("t1w_grid", "t1w_grid"), ("mask_grid", "mask_grid")]),
+                      (to_grid, collector, [("tensor", "tensor")])])
+    return [(prepare, "provenance"), (register, "provenance"), (to_grid, "provenance")]
+
+
+# --------------------------------------------------------------------------- running
+def configure_nipype(verbosity: int = 0) -> None:
+    """Quiet nipype (WARNING unless ``-v``) and switch off its online version check (no network)."""
+    os.environ.setdefault("NIPYPE_NO_ET", "1")
+    from nipype import config as nipype_config
+    from nipype import logging as nipype_logging
+
+    level = "DEBUG" if verbosity >= 2 else ("INFO" if verbosity >= 1 else "WARNING")
+    nipype_config.set("logging", "workflow_level", level)
+    nipype_config.set("logging", "interface_level", level)
+    nipype_config.set("logging", "utils_level", level)
+    nipype_config.set("execution", "check_version", "false")
+    nipype_logging.update_logging(nipype_config)
+    for name in NIPYPE_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+
+
+def settings_from_config(config) -> PreprocSettings:
+    """Preprocessing settings implied by a run :class:`bssfp2dt.config.Config`."""
+    return PreprocSettings(single_bssfp=config.selection.input_modality == "bssfp",
+                           omp_nthreads=config.resources.omp_nthreads)
+
+
+def run_preprocessing(plan_or_config, subject_inputs, settings: PreprocSettings | None = None) -> PreprocessedSubject:
+    """Preprocess one subject through the cached workflow; write ``desc-preproc`` outputs on request.
+
+    Args:
+        plan_or_config: :class:`bssfp2dt.config.RunPlan` or :class:`bssfp2dt.config.Config` (work dir,
+            output dir, run uuid, ``--nprocs``, ``--write-preproc``, verbosity).
+        subject_inputs: :class:`bssfp2dt.io.bids.SubjectInputs` of the subject.
+        settings: preprocessing choices (default: :func:`settings_from_config`).
+    Returns:
+        :class:`PreprocessedSubject` with the paths in the work directory.
+    """
+    config = getattr(plan_or_config, "config", plan_or_config)
+    settings = settings or settings_from_config(config)
+    from bssfp2dt.io.derivatives import subject_log_dir
+
+    configure_nipype(config.run.verbosity)
+    crash_dir = subject_log_dir(config.paths.output_dir, subject_inputs.subject, config.run.run_uuid)
+    workflow, collect = build_workflow(subject_inputs, settings, config.paths.work_dir, crash_dir,
+                                       config.run.stop_on_first_crash)
+    nprocs = config.resources.nprocs
+    started = time.time()
+    logger.info("sub-%s: preprocessing (%d session(s), work dir %s, %s)", subject_inputs.subject, len(collect),
+                config.paths.work_dir, f"MultiProc n_procs={nprocs}" if nprocs > 1 else "Linear")
+    try:
+        if nprocs > 1:
+            graph = workflow.run(plugin="MultiProc", plugin_args={"n_procs": nprocs, "raise_insufficient": False})
+        else:
+            graph = workflow.run(plugin="Linear")
+    except RuntimeError as error:
+        raise Bssfp2dtError(f"sub-{subject_inputs.subject}: preprocessing failed ({error}); see the crash files "
+                            f"in {crash_dir}") from None
+    _log_steps(graph, subject_inputs.subject, started)
+    folder = Path(config.paths.work_dir) / workflow.name
+    subject = PreprocessedSubject(subject_inputs.subject, tuple(_read_summary(folder / name)
+                                                                for name in collect.values()))
+    if config.model.write_preproc:
+        write_preprocessed(subject, config)
+    return subject
+
+
+def _log_steps(graph, subject: str, started: float) -> None:
+    for node in graph.nodes():
+        result_file = Path(node.output_dir()) / f"result_{node.name}.pklz"  # executed copies know their folder
+        cached = result_file.is_file() and result_file.stat().st_mtime < started
+        try:
+            duration = float(node.result.runtime.duration)
+        except (AttributeError, TypeError, FileNotFoundError):
+            duration = float("nan")
+        logger.info("sub-%s %s: %.1f s%s", subject, node.name, duration, " (cached)" if cached else "")
+
+
+def _read_summary(folder: Path) -> PreprocessedSession:
+    summary = next(folder.glob("*_preproc.json"))
+    record = json.loads(summary.read_text())
+    outputs = record["outputs"]
+
+    def path(key: str) -> Path | None:
+        return Path(outputs[key]) if outputs.get(key) else None
+
+    return PreprocessedSession(subject=record["subject"], session=record["session"],
+                               t1w_session=outputs.get("t1w_session"), t1w=path("t1w"),
+                               brain_mask=path("brain_mask"), gm=path("gm"), wm=path("wm"), csf=path("csf"),
+                               bssfp=path("bssfp"), tensor=path("tensor"), provenance=summary)
+
+
+# --------------------------------------------------------------------------- --write-preproc
+def write_preprocessed(subject: PreprocessedSubject, config) -> list[Path]:
+    """Copy the preprocessed images to ``output_dir`` as BIDS-Derivatives (``desc-preproc``) with sidecars.
+
+    bSSFP magnitude and phase become separate 12-volume images (``part-mag``/``part-phase``); masks and
+    tissue maps get the standard output names. Returns the written paths.
+    """
+    from bssfp2dt.io import derivatives
+    from bssfp2dt.io.nifti import write_json
+    from bssfp2dt.preprocessing.bssfp import deinterleave_channels
+
+    written: list[Path] = []
+    root = config.paths.output_dir
+    for session in subject.sessions:
+        record = json.loads(session.provenance.read_text())
+        sources = _sources(record, config.paths.bids_dir)
+        reference = sources[0] if sources else ""
+        names = derivatives.preproc_paths(subject.subject, session.session, root)
+        standard = derivatives.tensor_map_paths(subject.subject, session.session, "pcbssfp", root)
+        t1w, affine = _array(session.t1w)
+        note = "not normalised; resampled to the common 2 mm T1w-space grid"
+        written.append(derivatives.write_image(t1w, affine, names.t1w, derivatives.preproc_sidecar(
+            sources, reference, f"T1w, brain-masked, {note}", "arbitrary")))
+        if session.bssfp is not None:
+            magnitude, phase = deinterleave_channels(_array(session.bssfp)[0])
+            for data, path, units, what in ((magnitude, names.bssfp_magnitude, "arbitrary", "magnitude"),
+                                            (phase, names.bssfp_phase, "rad", "phase")):
+                written.append(derivatives.write_image(data, affine, path, derivatives.preproc_sidecar(
+                    sources, reference, f"pc-bSSFP {what}, 12 phase cycles, {note}", units)))
+        if session.tensor is not None:
+            written.append(derivatives.write_image(_array(session.tensor)[0], affine, names.diffusivity,
+                                                   derivatives.preproc_sidecar(
+                sources, reference, f"DWI tensor (WLS fit), {note}", "mm^2/s",
+                extra={"OrientationEncoding": {"Type": "tensor", "TensorRank": 2, "EncodingAxis": 3,
+                                               "Reference": "xyz"}})))
+        maps = {name: _array(getattr(session, name))[0] for name in ("gm", "wm", "csf", "brain_mask")}
+        written.extend(derivatives.write_tensor_outputs(standard, maps, affine, sources, reference, "pc-bssfp"))
+        log_dir = derivatives.subject_log_dir(root, subject.subject, config.run.run_uuid)
+        written.append(write_json(record, log_dir / session.provenance.name))
+    logger.info("sub-%s: wrote %d preprocessed images", subject.subject, len(written))
+    return written
+
+
+def _array(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    image = nib.load(str(path))
+    return np.asanyarray(image.dataobj), image.affine
+
+
+def _sources(record: dict, bids_dir: Path) -> list[str]:
+    """BIDS URIs of the raw inputs named in the step records (for ``Sources``)."""
+    from bssfp2dt.io.derivatives import bids_uri
+
+    found = []
+    for value in record.get("inputs", []):
+        try:
+            found.append(bids_uri(value, bids_dir))
+        except ValueError:  # an input outside bids_dir (e.g. a --derivatives file) has no raw URI
+            continue
+    return found
