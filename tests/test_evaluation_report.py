@@ -50,7 +50,7 @@ def phantom(n: int = N):
     reference[..., 0] = np.where(along_x, 1.7e-3, 0.3e-3)
     reference[..., 3] = np.where(along_x, 0.3e-3, 1.7e-3)
     reference[..., 5] = 0.3e-3 + 2e-3 * csf
-    reference[..., 1] = 1e-4 * grid[2]  # crosses zero at the centre plane: some voxels excluded
+    reference[..., 1] = 1e-4 * grid[2] * (np.abs(grid[2]) > 0.2)  # zero in a central slab: excluded voxels
     reference[..., 4] = 2e-4
     return reference * mask[..., None], {"CSF": csf, "GM": gm, "WM": wm}, mask
 

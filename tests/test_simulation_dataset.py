@@ -13,6 +13,7 @@ from dipy.io.gradients import read_bvals_bvecs
 from dipy.reconst.dti import TensorModel
 
 from bssfp2dt.cli import simulate
+from bssfp2dt.dti.eigen import bep016_to_matrix
 from bssfp2dt.simulation.dataset import simulate_dataset
 from bssfp2dt.simulation.geometry import RigidPose
 from conftest import tiny_config
@@ -107,18 +108,11 @@ def test_dipy_fit_of_the_raw_dwi_recovers_the_session_truth(tiny_dataset):
     anisotropic = truth_fa > 0.5
     assert anisotropic.sum() > 30
     fit = TensorModel(gradient_table(bvals, bvecs=bvecs)).fit(data[anisotropic])
-    truth_v1 = np.linalg.eigh(_matrix(truth[anisotropic]))[1][:, :, 2]
+    truth_v1 = np.linalg.eigh(bep016_to_matrix(truth[anisotropic]))[1][:, :, 2]
     cosine = np.abs(np.sum(fit.evecs[:, :, 0] * truth_v1, axis=1))
     angles = np.degrees(np.arccos(np.clip(cosine, 0, 1)))
     assert np.median(angles) < 12.0
     assert np.median(np.abs(fit.fa - truth_fa[anisotropic])) < 0.1
-
-
-def _matrix(six):
-    m = np.empty(six.shape[:-1] + (3, 3))
-    for k, (i, j) in enumerate(((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))):
-        m[..., i, j] = m[..., j, i] = six[..., k]
-    return m
 
 
 def _centroid_mm(mask_image):

@@ -9,10 +9,11 @@ from scipy.optimize import minimize_scalar
 from dipy.core.gradients import gradient_table
 from dipy.reconst.dti import TensorModel, fractional_anisotropy, mean_diffusivity
 
+from bssfp2dt.dti.eigen import bep016_to_matrix
+from bssfp2dt.dti.fit import dwi_signal
 from bssfp2dt.simulation.signal import (FibreModel, Mp2rageProtocol, bssfp_steady_state, cylindrical_tensor,
-                                        dwi_signal, mp2rage_inversions, mp2rage_uni, white_matter_bssfp)
+                                        mp2rage_inversions, mp2rage_uni, white_matter_bssfp)
 from bssfp2dt.simulation.subject import Protocol, gradient_scheme
-from bssfp2dt.simulation.tensor_truth import fa_md, ols_tensor_fit
 
 TR, TE = 4.8e-3, 2.4e-3
 CYCLES = 2 * np.pi * np.arange(12) / 12
@@ -126,33 +127,11 @@ def test_cylindrical_tensor_has_the_requested_fa_and_md():
     v1 /= np.linalg.norm(v1, axis=1, keepdims=True)
     fa, md = rng.uniform(0, 0.95, 50), rng.uniform(0.5e-3, 3e-3, 50)
     tensors = cylindrical_tensor(md, fa, v1)
-    evals = np.linalg.eigvalsh(_matrix(tensors))
+    evals = np.linalg.eigvalsh(bep016_to_matrix(tensors))
     np.testing.assert_allclose(fractional_anisotropy(evals), fa, atol=1e-9)
     np.testing.assert_allclose(mean_diffusivity(evals), md, rtol=1e-12)
-    principal = np.linalg.eigh(_matrix(tensors))[1][:, :, 2]
+    principal = np.linalg.eigh(bep016_to_matrix(tensors))[1][:, :, 2]
     assert np.all(np.abs(np.sum(principal * v1, axis=1))[fa > 0.01] > 1 - 1e-9)
-
-
-def test_invariant_fa_md_and_ols_fit_agree_with_dipy():
-    rng = np.random.default_rng(5)
-    a = rng.standard_normal((100, 3, 3)) * 1e-3
-    spd = a @ np.swapaxes(a, 1, 2) + 1e-4 * np.eye(3)
-    six = spd[:, [0, 0, 0, 1, 1, 2], [0, 1, 2, 1, 2, 2]]
-    fa, md = fa_md(six)
-    evals = np.linalg.eigvalsh(spd)
-    np.testing.assert_allclose(fa, fractional_anisotropy(evals), atol=1e-12)
-    np.testing.assert_allclose(md, mean_diffusivity(evals), rtol=1e-12)
-    bvals, bvecs = gradient_scheme(rng, Protocol())
-    fitted, s0 = ols_tensor_fit(dwi_signal(six, np.full(100, 700.0), np.asarray(bvals), bvecs), np.asarray(bvals), bvecs)
-    np.testing.assert_allclose(fitted, six, rtol=1e-8, atol=1e-12)
-    np.testing.assert_allclose(s0, 700.0, rtol=1e-10)
-
-
-def _matrix(six):
-    m = np.empty(six.shape[:-1] + (3, 3))
-    for k, (i, j) in enumerate(((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))):
-        m[..., i, j] = m[..., j, i] = six[..., k]
-    return m
 
 
 def _mp2rage_by_time_stepping(t1, protocol, repetitions=60):

@@ -9,6 +9,7 @@ null) are kept as a canonical JSON string.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -260,8 +261,12 @@ def _labels(values: tuple[str, ...] | list[str], prefix: str, flag: str) -> tupl
 
 def merge_queries(defaults: Mapping[str, Mapping[str, Any]], overrides: Mapping[str, Any],
                   filter_file: Path | None) -> dict[str, dict[str, Any]]:
-    """Per input kind, the user's entities replace the defaults' (fMRIPrep's ``--bids-filter-file`` rule)."""
-    merged = {kind: dict(query) for kind, query in defaults.items()}
+    """Per input kind, the user's entities replace the defaults' (fMRIPrep's ``--bids-filter-file`` rule).
+
+    The result shares no list with ``defaults`` or ``overrides`` (a deep copy), so editing it edits neither.
+    """
+    # Deep copies: the defaults hold lists (e.g. the NIfTI extensions) that must not be aliased.
+    merged = {kind: copy.deepcopy(dict(query)) for kind, query in defaults.items()}
     for kind, query in overrides.items():
         if kind not in merged:
             raise UsageError(f"--bids-filter-file {filter_file}: unknown input kind {kind!r}; "
@@ -276,7 +281,7 @@ def merge_queries(defaults: Mapping[str, Mapping[str, Any]], overrides: Mapping[
                     (isinstance(value, list) and all(isinstance(item, (str, int)) for item in value))):
                 raise UsageError(f"--bids-filter-file {filter_file}: {kind}.{entity} must be a string, "
                                  "a list of strings, null or \"*\"")
-        merged[kind].update(query)
+        merged[kind].update(copy.deepcopy(query))
     return merged
 
 

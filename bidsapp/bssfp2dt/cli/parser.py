@@ -32,6 +32,19 @@ class BidsAppArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+class PrintExecSpecAction(argparse.Action):
+    """``--bids-exec-spec``: print the Boutiques descriptor (JSON) and exit 0, like ``--version``."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from bssfp2dt.cli.platforms import descriptor_json  # imported only when asked for
+
+        sys.stdout.write(descriptor_json())
+        parser.exit()
+
+
 def memory_mb(text: str) -> int:
     """``'8G'``, ``'8GB'``, ``'8000M'``, ``'512MiB'`` -> megabytes (int). A bare number means GB (NiPreps)."""
     match = _MEMORY_PATTERN.match(text)
@@ -101,6 +114,8 @@ def build_parser() -> BidsAppArgumentParser:
                         help="participant: per-subject maps (or training with --train-stage); "
                              "group: aggregate the participant results")
     parser.add_argument("--version", action="version", version=f"{PROGRAM} {__version__}")
+    parser.add_argument("--bids-exec-spec", action=PrintExecSpecAction,
+                        help="print the Boutiques descriptor of this command line (JSON) and exit")
     parser.add_argument("-v", "--verbose", dest="verbose", action="count", default=0,
                         help="more log output (-v debug, -vv also tracebacks)")
 

@@ -197,8 +197,8 @@ def _write_figures(predicted, reference, maps, tissues, mask, entities, output_d
                                                   path(name), f"{title}: reference vs prediction, {label}", unit,
                                                   value_range)
     written["errormaps"] = figures.error_maps_figure(
-        {name: maps[name] for name in ERROR_MAP_FIGURE_METRICS}, METRIC_UNITS, mask, path("errormaps"),
-        f"error maps, {label}")
+        {name: display_values(name, maps[name]) for name in ERROR_MAP_FIGURE_METRICS}, display_units(), mask,
+        path("errormaps"), f"error maps, {label}")
     samples = {}
     for metric in REPORT_METRICS:
         members = POOLED_METRICS.get(metric, (metric,))
@@ -206,8 +206,8 @@ def _write_figures(predicted, reference, maps, tissues, mask, entities, output_d
         for tissue, probability in {**tissues, BRAIN: mask.astype(float)}.items():
             selected = mask & (np.nan_to_num(probability) > threshold)
             values = np.concatenate([maps[member][selected] for member in members])
-            samples[metric][tissue] = values[np.isfinite(values)]
-    written["boxplots"] = figures.tissue_boxplot(samples, METRIC_UNITS, path("boxplots"),
+            samples[metric][tissue] = display_values(metric, values[np.isfinite(values)])
+    written["boxplots"] = figures.tissue_boxplot(samples, display_units(), path("boxplots"),
                                                  f"voxel errors by tissue (probability > {threshold:g}), {label}")
     return written
 
@@ -276,7 +276,10 @@ def _pair_section(frame, sidecar: Mapping, output_dir: Path, report_dir: Path) -
                  f"{sidecar.get('TissueProbabilityThreshold', 0.5):g}; excluded: voxels with a near-zero or "
                  f"undefined reference.</p>")
     parts.append(_statistics_table(frame))
-    for name, relative in sidecar.get("Figures", {}).items():
+    listed = sidecar.get("Figures", {})
+    order = [name for name in (*COMPARISON_FIGURES, "errormaps", "boxplots") if name in listed]
+    for name in order + sorted(set(listed) - set(order)):
+        relative = listed[name]
         target = os.path.relpath(output_dir / relative, report_dir)
         parts.append(html_figure(Path(target).as_posix(), _figure_caption(name)))
     return "\n".join(parts)
@@ -290,30 +293,36 @@ def _figure_caption(name: str) -> str:
 
 
 def _statistics_table(frame) -> str:
-    """Metric rows x tissue columns: weighted mean, median [25th, 75th percentile] and excluded voxels."""
+    """One row per metric and tissue: weighted mean, median, quartiles, 1st/99th percentiles, voxel counts."""
     tissues = [tissue for tissue in (*TISSUES, BRAIN) if tissue in set(frame["tissue"])]
-    lookup = {(metric, tissue, statistic): (value, n_excluded) for metric, tissue, statistic, value, n_excluded
-              in frame[["metric", "tissue", "statistic", "value", "n_excluded"]].itertuples(index=False)}
+    lookup = {(metric, tissue, statistic): (value, n_voxels, n_excluded)
+              for metric, tissue, statistic, value, n_voxels, n_excluded
+              in frame[["metric", "tissue", "statistic", "value", "n_voxels", "n_excluded"]].itertuples(index=False)}
+    shown = ("weighted_mean", "median", "p25", "p75", "p01", "p99")
     rows = []
     for metric in REPORT_METRICS:
-        if not any(key[0] == metric for key in lookup):
-            continue
-        row = [f"{metric} ({display_unit(metric)})"]
         for tissue in tissues:
-            def get(statistic):
-                return lookup.get((metric, tissue, statistic), (None, 0))[0]
-
-            row.append(format_number(metric, get("weighted_mean")))
-            row.append(f"{format_number(metric, get('median'))} [{format_number(metric, get('p25'))}, "
-                       f"{format_number(metric, get('p75'))}]")
-            row.append(str(int(lookup.get((metric, tissue, "median"), (None, 0))[1])))
-        rows.append(row)
-    header = ["metric"] + [f"{tissue} {what}" for tissue in tissues
-                           for what in ("weighted mean", "median [IQR]", "excluded")]
+            if (metric, tissue, "median") not in lookup:
+                continue
+            _, n_voxels, n_excluded = lookup[(metric, tissue, "median")]
+            rows.append([f"{metric} ({display_unit(metric)})", tissue]
+                        + [format_number(metric, lookup.get((metric, tissue, name), (None,))[0]) for name in shown]
+                        + [str(int(n_voxels)), str(int(n_excluded))])
+    header = ["metric", "tissue", "weighted mean", "median", "p25", "p75", "p01", "p99", "voxels", "excluded"]
     return html_table(header, rows)
 
 
 # --------------------------------------------------------------------------- HTML building blocks
+def display_values(metric: str, values):
+    """Values in their display unit: relative errors x 100 (%), everything else unchanged."""
+    return values * 100.0 if METRIC_UNITS.get(metric) == "ratio" else values
+
+
+def display_units() -> dict[str, str]:
+    """Metric -> display unit label (``%``, ``deg``, ``dB``, ``-``), for figure axes."""
+    return {metric: display_unit(metric) for metric in METRIC_UNITS}
+
+
 def display_unit(metric: str) -> str:
     """Unit a metric is displayed in: % for relative errors, deg, dB, or ``-``."""
     return {"ratio": "%", "deg": "deg", "dB": "dB"}.get(METRIC_UNITS.get(metric, ""), "-")

@@ -20,7 +20,11 @@ ENTITY_ORDER: tuple[tuple[str, str], ...] = (
     ("label", "label"), ("description", "desc"), ("model", "model"), ("param", "param"),
 )
 _KNOWN = {key for key, _ in ENTITY_ORDER}
-_LABEL = re.compile(r"^[A-Za-z0-9]+$")
+_LABEL = re.compile(r"[A-Za-z0-9]+")  # used with fullmatch: "$" would accept a trailing newline
+# BIDS "index" entities take non-negative integers; three entities take a fixed set of labels.
+_INDEX_ENTITIES = frozenset({"run", "echo", "flip", "inversion", "split", "chunk"})
+_INDEX = re.compile(r"[0-9]+")
+_ALLOWED_VALUES = {"mtransfer": ("on", "off"), "part": ("mag", "phase", "real", "imag"), "hemisphere": ("L", "R")}
 
 
 def strip_prefix(label: str, prefix: str) -> str:
@@ -31,20 +35,28 @@ def strip_prefix(label: str, prefix: str) -> str:
 def bids_filename(suffix: str, extension: str = ".nii.gz", **entities: str | int | None) -> str:
     """Build a BIDS file name, e.g. ``bids_filename("T1w", subject="01", session="1")``.
 
-    Entities with value None are left out. Raises ValueError for unknown entities or labels that
-    are not alphanumeric (BIDS labels may not contain ``_`` or ``-``).
+    Entities with value None are left out. Raises ValueError for unknown entities, labels that
+    are not alphanumeric (BIDS labels may not contain ``_`` or ``-``), index entities (``run``,
+    ``echo``, ...) that are not digits, values outside the fixed sets of ``mtransfer``, ``part`` and
+    ``hemisphere``, and suffixes that are not alphanumeric.
     """
     unknown = set(entities) - _KNOWN
     if unknown:
         raise ValueError(f"unknown BIDS entities: {sorted(unknown)}")
+    if not _LABEL.fullmatch(suffix):
+        raise ValueError(f"BIDS suffix must be alphanumeric, got {suffix!r}")
     parts = []
     for key, prefix in ENTITY_ORDER:
         value = entities.get(key)
         if value is None:
             continue
         value = str(value)
-        if not _LABEL.match(value):
+        if not _LABEL.fullmatch(value):
             raise ValueError(f"BIDS label for {key!r} must be alphanumeric, got {value!r}")
+        if key in _INDEX_ENTITIES and not _INDEX.fullmatch(value):
+            raise ValueError(f"BIDS index {key!r} must be a non-negative integer, got {value!r}")
+        if key in _ALLOWED_VALUES and value not in _ALLOWED_VALUES[key]:
+            raise ValueError(f"BIDS {key!r} must be one of {', '.join(_ALLOWED_VALUES[key])}, got {value!r}")
         parts.append(f"{prefix}-{value}")
     if not parts or not parts[0].startswith("sub-"):
         raise ValueError("a BIDS file name needs a subject")

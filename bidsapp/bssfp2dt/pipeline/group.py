@@ -26,8 +26,8 @@ import numpy as np
 from bssfp2dt.errors import InputOutputError, MissingInputError
 from bssfp2dt.evaluation import figures
 from bssfp2dt.evaluation.reference_results import SOURCE, reference_text
-from bssfp2dt.evaluation.report import (METRIC_UNITS, REPORT_METRICS, display_unit, format_number, html_figure,
-                                        html_page, html_table)
+from bssfp2dt.evaluation.report import (REPORT_METRICS, display_unit, display_units, display_values, format_number,
+                                        html_figure, html_page, html_table)
 from bssfp2dt.evaluation.statistics import BRAIN, COLUMNS, TISSUES, frame_to_tsv, read_table
 from bssfp2dt.io.derivatives import (find_error_tables, group_errors_path, group_figure_path, group_report_path,
                                      group_summary_path)
@@ -144,14 +144,14 @@ def write_group_figures(frame, output_dir: Path) -> dict[str, Path]:
     shown = frame[frame["statistic"] == SHOWN_STATISTIC]
     written = {}
     for name, metrics in BOXPLOT_GROUPS.items():
-        samples = {metric: {(tissue, modality): group["value"].to_numpy(dtype=np.float64)
+        samples = {metric: {(tissue, modality): display_values(metric, group["value"].to_numpy(dtype=np.float64))
                             for (tissue, modality), group in shown[shown["metric"] == metric]
                             .groupby(["tissue", "modality"])}
                    for metric in metrics}
         if not any(samples.values()):
             continue
         written[name] = figures.group_boxplot(
-            samples, METRIC_UNITS, modalities, TISSUES, group_figure_path(output_dir, name),
+            samples, display_units(), modalities, TISSUES, group_figure_path(output_dir, name),
             f"per-pair {SHOWN_STATISTIC} error by tissue and input modality")
     return written
 

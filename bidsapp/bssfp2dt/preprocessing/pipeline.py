@@ -306,6 +306,7 @@ def preprocess_dwi(dwi: str, bval: str, bvec: str, settings: Mapping[str, Any],
         uint8 mask path, mean-b0 path, provenance).
     """
     from bssfp2dt.preprocessing import dwi as dwi_steps
+    from bssfp2dt.preprocessing.registration import rotation_angle_deg
 
     timer = _Timer("preprocess_dwi")
     options = PreprocSettings.from_dict(settings)
@@ -328,8 +329,7 @@ def preprocess_dwi(dwi: str, bval: str, bvec: str, settings: Mapping[str, Any],
         corrected = dwi_steps.motion_correct(data, affine, bvals, bvecs, mask=mask,
                                              settings=options.motion_registration)
         data, bvecs = corrected.dwi, corrected.bvecs
-        rotations = [float(np.rad2deg(np.arccos(np.clip((np.trace(t[:3, :3]) - 1) / 2, -1, 1))))
-                     for t in corrected.transforms]
+        rotations = [rotation_angle_deg(transform) for transform in corrected.transforms]
         provenance["motion_correction"] = {"max_rotation_deg": max(rotations),
                                            "max_translation_mm": float(np.abs(corrected.transforms[:, :3, 3]).max())}
         mask = dwi_steps.brain_mask(data, bvals)

@@ -19,6 +19,8 @@ import numpy as np
 from tqdm import tqdm
 
 from bssfp2dt import __version__
+from bssfp2dt.dti.fit import fit_tensor
+from bssfp2dt.dti.maps import tensor_maps
 from bssfp2dt.io.naming import bids_path
 from bssfp2dt.io.nifti import save_nifti, write_json, write_text
 from bssfp2dt.simulation.anatomy import MNI_LICENCE, Anatomy, make_anatomy
@@ -26,7 +28,6 @@ from bssfp2dt.simulation.geometry import ImageGrid, axis_aligned_grid
 from bssfp2dt.simulation.imaging import (ScanTissue, dwi_noiseless, dwi_with_noise, image_bssfp, image_t1w,
                                          sample_tissue, tensor_in_voxel_axes)
 from bssfp2dt.simulation.subject import REGIMES, Protocol, ScanPlan, SubjectParameters, sample_subject
-from bssfp2dt.simulation.tensor_truth import fa_md, ols_tensor_fit
 
 LOGGER = logging.getLogger(__name__)
 BIDS_VERSION = "1.10.0"
@@ -224,7 +225,7 @@ class SubjectWriter:
         """Per-session truth on the DWI grid, tensors in its voxel axes (as a fit of the raw DWI gives)."""
         exact = tensor_in_voxel_axes(tissue.tensor, grid)
         bvecs_voxel = np.asarray(scan.bvecs_scanner) @ grid.axes_in_world
-        fitted, _ = ols_tensor_fit(noiseless, np.asarray(scan.bvals), bvecs_voxel)
+        fitted, _ = fit_tensor(noiseless, np.asarray(scan.bvals), bvecs_voxel)
         source = self._path(self.root, "dwi", "dwi", session=scan.session)
         for description, tensor in (("truth", exact), ("noiselessfit", fitted)):
             self._write_tensor_maps(tensor, tissue, grid, description, source, session=scan.session)
@@ -257,7 +258,7 @@ class SubjectWriter:
         dwi_scan = next((scan for scan in self.subject.scans if scan.modality == "dwi"), None)
         if dwi_scan is not None:
             noiseless = dwi_noiseless(self.subject, dwi_scan, tissue, self.protocol)
-            fitted, _ = ols_tensor_fit(noiseless, np.asarray(dwi_scan.bvals),
+            fitted, _ = fit_tensor(noiseless, np.asarray(dwi_scan.bvals),
                                        np.asarray(dwi_scan.bvecs_scanner) @ grid.axes_in_world)
             self._write_tensor_maps(fitted, tissue, grid, "noiselessfit", source, **entities)
         self.bar.update(0)
@@ -265,7 +266,8 @@ class SubjectWriter:
     def _write_tensor_maps(self, tensor: np.ndarray, tissue: ScanTissue, grid: ImageGrid, description: str,
                            source: Path, **entities) -> None:
         """Tensor (BEP016 order, mm^2/s), FA and MD maps of one tensor field."""
-        fa, md = fa_md(tensor)
+        maps = tensor_maps(tensor, dtype=np.float32)
+        fa, md = maps["fa"], maps["md"]
         common = dict(description=description, model="tensor", **entities)
         sources = [_bids_uri(source, self.root)]
         tensor_path = self._path(self.truth_root, "dwi", "dwimap", param="diffusivity", **common)
@@ -283,7 +285,7 @@ class SubjectWriter:
 
 _TENSOR_DESCRIPTIONS = {
     "truth": "exact input tensor field: fraction-weighted mean of the tissue tensors",
-    "noiselessfit": "tensor fitted (log-linear least squares) to the noiseless partial-volume DWI, "
+    "noiselessfit": "tensor fitted (weighted least squares) to the noiseless partial-volume DWI, "
                     "what a perfect DTI fit would see",
 }
 

@@ -12,6 +12,8 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
+from bssfp2dt.dti.eigen import eigh_tensor
+
 DYADIC_INDEX = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))  # BEP016 order of the six unique elements
 
 
@@ -84,25 +86,16 @@ def dyadic(vectors: np.ndarray) -> np.ndarray:
     return np.stack([vectors[..., i] * vectors[..., j] for i, j in DYADIC_INDEX], axis=-1)
 
 
-def dyadic_to_matrix(six: np.ndarray) -> np.ndarray:
-    """(..., 6) BEP016 -> symmetric (..., 3, 3)."""
-    matrix = np.empty(six.shape[:-1] + (3, 3), dtype=six.dtype)
-    for k, (i, j) in enumerate(DYADIC_INDEX):
-        matrix[..., i, j] = six[..., k]
-        matrix[..., j, i] = six[..., k]
-    return matrix
-
-
 def principal_direction(six: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Principal eigenvector (..., 3) of a smoothed dyadic (..., 6) and its dispersion-free share.
 
     The share (l1 - l2) / (l1 + l2 + l3) is 1 for perfectly aligned fibres and 0 for isotropic
     dispersion; it lowers FA where directions fan out or cross.
     """
-    values, vectors = np.linalg.eigh(dyadic_to_matrix(six))
+    values, vectors = eigh_tensor(six)  # descending
     trace = values.sum(axis=-1)
-    share = np.divide(values[..., 2] - values[..., 1], trace, out=np.zeros_like(trace), where=trace > 1e-12)
-    return vectors[..., :, 2], np.clip(share, 0.0, 1.0)
+    share = np.divide(values[..., 0] - values[..., 1], trace, out=np.zeros_like(trace), where=trace > 1e-12)
+    return vectors[..., :, 0], np.clip(share, 0.0, 1.0)
 
 
 def _structure_axis(wm: np.ndarray, gm: np.ndarray, voxel_mm: float) -> np.ndarray:
@@ -110,8 +103,8 @@ def _structure_axis(wm: np.ndarray, gm: np.ndarray, voxel_mm: float) -> np.ndarr
     eigenvector of its structure tensor), turned radial (along grad GM) where WM meets cortex."""
     gradient = np.stack(np.gradient(ndimage.gaussian_filter(wm, 1.0 / voxel_mm)), axis=-1)
     structure = ndimage.gaussian_filter(dyadic(gradient), (3.0 / voxel_mm,) * 3 + (0,))
-    _, vectors = np.linalg.eigh(dyadic_to_matrix(structure))
-    along_wm = vectors[..., :, 0]
+    _, vectors = eigh_tensor(structure)  # descending: the last is the least-varying axis
+    along_wm = vectors[..., :, 2]
     gm_gradient = _unit(np.stack(np.gradient(ndimage.gaussian_filter(gm, 1.0 / voxel_mm)), axis=-1))
     cortical_weight = np.clip(gm / np.maximum(gm + wm, 1e-6), 0.0, 1.0)[..., None]
     return (1.0 - cortical_weight) * dyadic(along_wm) + cortical_weight * dyadic(gm_gradient)

@@ -11,8 +11,10 @@ import numpy as np
 
 from bssfp2dt.simulation.anatomy import Anatomy
 from bssfp2dt.simulation.geometry import ImageGrid, RigidPose
-from bssfp2dt.simulation.signal import (bssfp_steady_state, complex_noise, cylindrical_tensor, dwi_signal,
-                                        mp2rage_inversions, mp2rage_uni, rician, white_matter_bssfp)
+from bssfp2dt.dti.eigen import bep016_to_matrix, matrix_to_bep016
+from bssfp2dt.dti.fit import dwi_signal
+from bssfp2dt.simulation.signal import (bssfp_steady_state, complex_noise, cylindrical_tensor, mp2rage_inversions,
+                                        mp2rage_uni, rician, white_matter_bssfp)
 from bssfp2dt.simulation.subject import Protocol, ScanPlan, SubjectParameters
 
 GM, WM, CSF = 0, 1, 2
@@ -190,8 +192,5 @@ def image_t1w(subject: SubjectParameters, scan: ScanPlan, tissue: ScanTissue, gr
 
 def tensor_in_voxel_axes(tensors6: np.ndarray, grid: ImageGrid) -> np.ndarray:
     """Express scanner-frame tensors (..., 6) in the grid's voxel axes (A^T D A, A = unit axes)."""
-    from bssfp2dt.simulation.fibres import dyadic_to_matrix, DYADIC_INDEX
-
     axes = grid.axes_in_world
-    rotated = np.einsum("ji,...jk,kl->...il", axes, dyadic_to_matrix(tensors6), axes)
-    return np.stack([rotated[..., i, j] for i, j in DYADIC_INDEX], axis=-1)
+    return matrix_to_bep016(np.einsum("ji,...jk,kl->...il", axes, bep016_to_matrix(tensors6), axes))

@@ -100,20 +100,6 @@ def white_matter_bssfp(sin2_theta, fibre_volume_fraction, df_b0, tr, te, flip, p
     return signal
 
 
-def dwi_signal(tensors6, s0, bvals, bvecs):
-    """Noiseless DWI: S_j = S0 exp(-b_j g_j^T D g_j).
-
-    tensors6 (..., 6) in BEP016 order (D11, D12, D13, D22, D23, D33), mm^2/s; s0 (...); bvals (N,)
-    s/mm^2; bvecs (N, 3) in the same frame as the tensor. Returns (..., N) float64.
-    """
-    g = np.asarray(bvecs, dtype=np.float64)
-    # g^T D g expanded over the six unique elements
-    quad = np.stack([g[:, 0] ** 2, 2 * g[:, 0] * g[:, 1], 2 * g[:, 0] * g[:, 2],
-                     g[:, 1] ** 2, 2 * g[:, 1] * g[:, 2], g[:, 2] ** 2], axis=1)  # (N, 6)
-    adc = np.asarray(tensors6, dtype=np.float64) @ quad.T
-    return np.asarray(s0, dtype=np.float64)[..., None] * np.exp(-np.asarray(bvals, dtype=np.float64) * adc)
-
-
 def rician(signal, sigma, rng: np.random.Generator):
     """|S + sigma (n1 + i n2)| with independent standard normal n1, n2; float32 (...)."""
     real = signal + sigma * rng.standard_normal(np.shape(signal), dtype=np.float32)
