@@ -56,7 +56,7 @@ RUN if ! command -v python3 >/dev/null; then \
         && apt-get install -y --no-install-recommends python3 ca-certificates \
         && rm -rf /var/lib/apt/lists/*; \
     fi \
-    && useradd --system --uid 10001 --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin bssfp2dt
+    && useradd --uid 10001 --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin bssfp2dt
 COPY --from=builder /opt/venv /opt/venv
 COPY version /version
 # Everything the app and its libraries write outside the mounted output and work folders goes under

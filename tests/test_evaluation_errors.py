@@ -29,7 +29,8 @@ def single_blas_thread():
 def tensors_from(evals: np.ndarray, v1: np.ndarray, v2: np.ndarray) -> np.ndarray:
     """BEP016 tensors (..., 6) from eigenvalues (..., 3) and orthonormal first two eigenvectors (..., 3)."""
     v3 = np.cross(v1, v2)
-    matrix = sum(evals[..., k, None, None] * vec[..., :, None] * vec[..., None, :] for k, vec in enumerate((v1, v2, v3)))
+    matrix = sum(evals[..., k, None, None] * vec[..., :, None] * vec[..., None, :]
+                 for k, vec in enumerate((v1, v2, v3)))
     return np.stack([matrix[..., 0, 0], matrix[..., 0, 1], matrix[..., 0, 2], matrix[..., 1, 1], matrix[..., 1, 2],
                      matrix[..., 2, 2]], axis=-1)
 

@@ -148,21 +148,31 @@ def test_participant_html_is_offline_and_has_every_figure(evaluated):
     assert result.report == root / "sub-01.html"
     images = check_offline_html(result.report)
     assert {path.stem.rsplit("_", 1)[1] for path in images} == FIGURES
-    assert all(path.parent == root / "sub-01" / "figures" for path in images)
+    assert all(path.parent == root / "figures" for path in images)
     text = result.report.read_text()
     assert "not computed: no MedicalNet ResNet-10 weights" in text
 
 
-def test_second_session_pair_is_added_to_the_same_report(tmp_path):
+def test_second_session_pair_from_nifti_paths_is_added_to_the_same_report(tmp_path):
+    from bssfp2dt.io.nifti import save_nifti
+
     reference, tissues, mask = phantom(12)
-    for dwi_session, scale in (("1", 1.05), ("2", 0.8)):
-        result = evaluate_participant(reference * scale, reference, tissues, mask, AFFINE,
-                                      EvaluationEntities("02", None, dwi_session, "t1w"), tmp_path)
+    evaluate_participant(reference * 1.05, reference, tissues, mask, AFFINE,
+                         EvaluationEntities("02", None, "1", "t1w"), tmp_path / "out")
+    # The second pair comes as files, as the participant pipeline has them: affine from the reference file.
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    inputs = {name: save_nifti(data, affine, tmp_path / "in" / f"{name}.nii.gz") for name, data in
+              {"predicted": reference * 0.8, "reference": reference, "mask": mask.astype(np.uint8),
+               "gm": tissues["GM"], "wm": tissues["WM"], "csf": tissues["CSF"]}.items()}
+    result = evaluate_participant(inputs["predicted"], inputs["reference"],
+                                  {name: inputs[name] for name in ("gm", "wm", "csf")}, inputs["mask"], None,
+                                  EvaluationEntities("02", None, "2", "t1w"), tmp_path / "out")
+    np.testing.assert_allclose(nib.load(result.error_maps["md"]).affine, affine)
     text = result.report.read_text()
     assert text.count("<h2>") == 2 and "DWI reference (ses-1)" in text and "DWI reference (ses-2)" in text
     assert len(check_offline_html(result.report)) == 2 * len(FIGURES)
-    # 12^3 is below the 11-voxel SSIM window's usable interior only if the mask misses it; SSIM is reported.
     frame = read_table(result.table)
+    assert set(frame["tissue"]) == {"CSF", "GM", "WM", "brain"}
     assert frame["input_session"].isna().all()
     md = frame[(frame["metric"] == "md") & (frame["tissue"] == "brain") & (frame["statistic"] == "mean")]
     assert md["value"].iloc[0] == pytest.approx(0.2)
@@ -182,3 +192,14 @@ def test_participant_html_renders_in_headless_chromium(evaluated, tmp_path):
     pixels = matplotlib.image.imread(screenshot)
     assert pixels.shape[:2] == (2000, 1200)
     assert pixels[..., :3].std() > 0.05  # text, tables and figures, not an empty page
+
+
+def test_outputs_keep_the_derivatives_dataset_valid(evaluated, tmp_path):
+    from bssfp2dt.io.validation import validation_errors
+
+    root, *_ = evaluated
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "dataset_description.json").write_text('{"Name": "raw", "BIDSVersion": "1.10.0"}')
+    out.initialise_dataset(root, raw)
+    assert validation_errors(root) == []

@@ -123,6 +123,5 @@ def test_resuming_from_a_lightning_checkpoint_repeats_the_uninterrupted_run(tmp_
     reference = uninterrupted.state_dict()
     for key, value in resumed.state_dict().items():
         assert torch.equal(value, reference[key]), key
-    # Without the restored optimiser states (Adam moments) the weights would differ.
-    assert not all(torch.equal(a, b) for a, b in zip(first.generator.parameters(),
-                                                     uninterrupted.generator.parameters()))
+    saved = torch.load(checkpoint, weights_only=False)
+    assert len(saved["optimizer_states"]) == 2  # generator and discriminator AdamW moments

@@ -123,7 +123,7 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
 
 
 def medicalnet_samples(volume: np.ndarray, mask: np.ndarray, network) -> np.ndarray:
-    """MedicalNet layer-4 feature samples (C * positions, 512) of a volume (X, Y, Z, C), channels z-scored in the mask."""
+    """MedicalNet layer-4 features (C * positions, 512) of a volume (X, Y, Z, C); channels z-scored in the mask."""
     import torch
 
     from bssfp2dt.training.losses import medicalnet_features

@@ -9,7 +9,7 @@ reference tensor (one subject, input session, DWI session and modality). It writ
   ``inclination``/``azimuth``/``v1angle`` in degrees; NaN marks excluded voxels, 0 is outside the mask),
 - the tidy statistics table ``..._errors.tsv`` (:mod:`.statistics`) and its JSON sidecar (column
   descriptions, image metrics, thresholds, the figures' paths),
-- PNG figures under ``sub-<label>/figures/`` and the report ``sub-<label>.html``, rebuilt from every
+- PNG figures in ``figures/`` next to the report ``sub-<label>.html``, which is rebuilt from every
   table of the subject on disk, so it covers all session pairs however many calls wrote them.
 
 Reports are self-contained for offline viewing: inline CSS, no scripts, images referenced by relative
@@ -79,7 +79,8 @@ def evaluate_participant(predicted, reference, tissues: Mapping[str, Any], mask,
     Parameters
     ----------
     predicted, reference : (X, Y, Z, 6) BEP016 tensors in mm^2/s, arrays or NIfTI paths (same grid).
-    tissues : ``{"CSF": ..., "GM": ..., "WM": ...}`` probability maps (X, Y, Z), 0..1, arrays or paths.
+    tissues : ``{"CSF": ..., "GM": ..., "WM": ...}`` probability maps (X, Y, Z), 0..1, arrays or paths
+        (keys case-insensitive: ``gm`` as in :class:`~bssfp2dt.io.derivatives.OutputPaths` works too).
     mask : (X, Y, Z) brain mask, array or path.
     affine : 4x4 voxel-to-mm affine; None takes the reference file's.
     entities : subject, input session, DWI session, modality.
@@ -94,8 +95,11 @@ def evaluate_participant(predicted, reference, tissues: Mapping[str, Any], mask,
     predicted, pred_affine = _load(predicted, "predicted tensor")
     reference, ref_affine = _load(reference, "reference tensor")
     mask = _load(mask, "brain mask")[0] > 0
-    tissues = {name: _load(value, f"{name} probability map")[0] for name, value in tissues.items()}
-    affine = np.asarray(affine if affine is not None else (ref_affine if ref_affine is not None else pred_affine))
+    tissues = {name.upper(): _load(value, f"{name} probability map")[0] for name, value in tissues.items()}
+    affine = next((item for item in (affine, ref_affine, pred_affine) if item is not None), None)
+    if affine is None:
+        raise ValueError("an affine is needed when the tensors are given as arrays")
+    affine = np.asarray(affine, dtype=np.float64)
     _check_shapes(predicted, reference, mask, tissues)
 
     maps = error_maps(predicted, reference, mask, floors)
@@ -203,7 +207,8 @@ def _write_figures(predicted, reference, maps, tissues, mask, entities, output_d
     for metric in REPORT_METRICS:
         members = POOLED_METRICS.get(metric, (metric,))
         samples[metric] = {}
-        for tissue, probability in {**tissues, BRAIN: mask.astype(float)}.items():
+        ordered = sorted(tissues, key=lambda name: (TISSUES.index(name) if name in TISSUES else len(TISSUES), name))
+        for tissue, probability in [*((name, tissues[name]) for name in ordered), (BRAIN, mask.astype(float))]:
             selected = mask & (np.nan_to_num(probability) > threshold)
             values = np.concatenate([maps[member][selected] for member in members])
             samples[metric][tissue] = display_values(metric, values[np.isfinite(values)])
@@ -288,8 +293,9 @@ def _pair_section(frame, sidecar: Mapping, output_dir: Path, report_dir: Path) -
 def _figure_caption(name: str) -> str:
     if name in COMPARISON_FIGURES:
         return f"{COMPARISON_FIGURES[name][0]}: reference (top) vs prediction (bottom), three planes"
-    return {"errormaps": "error maps (light blue: excluded voxels)",
-            "boxplots": "voxel errors by tissue: median, quartiles, whiskers at the 1st/99th percentiles"}.get(name, name)
+    captions = {"errormaps": "error maps (light blue: excluded voxels)",
+                "boxplots": "voxel errors by tissue: median, quartiles, whiskers at the 1st/99th percentiles"}
+    return captions.get(name, name)
 
 
 def _statistics_table(frame) -> str:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from bssfp2dt.errors import MissingInputError, NoFilesSelectedError, UsageError
+from bssfp2dt.io.nifti import effective_shape
 
 if TYPE_CHECKING:
     from bids import BIDSLayout
@@ -33,6 +34,7 @@ TISSUE_LABELS = ("GM", "WM", "CSF")
 _NIFTI = [".nii.gz", ".nii"]
 # Radians written as float32 may overshoot pi by a rounding step.
 _PI_TOLERANCE = 1e-4
+PHASE_ENCODING_DIRECTIONS = ("i", "j", "k", "i-", "j-", "k-")
 
 # bids-conventions.md section 2; merged with --bids-filter-file (None: entity absent, "*": any).
 DEFAULT_QUERIES: dict[str, dict[str, Any]] = {
@@ -225,9 +227,12 @@ def discover(config: "Config") -> tuple[SubjectInputs, ...]:
     """
     bids_dir = config.paths.bids_dir
     subjects = select_subjects(list_subjects(bids_dir), config.selection.participant_labels, bids_dir)
+    check_sidecars(bids_dir, subjects)
     layout = raw_layout(bids_dir, subjects)
     queries = {kind: to_pybids(query) for kind, query in config.selection.queries.items()}
     priors_layouts = [(source.name, derivatives_layout(source.path)) for source in config.paths.derivatives]
+    if config.paths.bids_filter_file is not None:
+        _check_filter_entities(layout, priors_layouts, config.selection.queries, config.paths.bids_filter_file)
     kinds = needed_kinds(config.selection.input_modality)
     sessions_by_subject = _select_sessions(layout, subjects, config.selection.session_labels)
     found = tuple(
@@ -238,6 +243,50 @@ def discover(config: "Config") -> tuple[SubjectInputs, ...]:
     if config.paths.bids_filter_file is not None:
         _check_filters_matched(found, layout, priors_layouts, queries, subjects, config)
     return found
+
+
+def check_sidecars(bids_dir: Path, subjects: Sequence[str]) -> None:
+    """Every JSON file pybids will read (top level and the selected subjects) must hold a JSON object.
+
+    pybids fails on the first bad sidecar with an error that is not the user's kind; this names the
+    file instead (exit 66). Hidden folders are skipped, as pybids skips them.
+    """
+    bids_dir = Path(bids_dir)
+    candidates = list(bids_dir.glob("*.json"))
+    for subject in subjects:
+        candidates.extend(path for path in (bids_dir / f"sub-{subject}").rglob("*.json")
+                          if not any(part.startswith(".") for part in path.relative_to(bids_dir).parts))
+    for path in sorted(candidates):
+        if not path.is_file():
+            continue
+        try:
+            content = json.loads(path.read_bytes())
+        except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise MissingInputError(f"{path} is not valid JSON ({reason}); fix or remove this sidecar") from None
+        if not isinstance(content, dict):
+            raise MissingInputError(f"{path} holds a JSON {type(content).__name__}, not an object of "
+                                    "metadata fields; fix or remove this sidecar")
+        # pybids resolves IntendedFor while indexing and fails on anything but paths.
+        intended = content.get("IntendedFor", [])
+        intended = [intended] if isinstance(intended, str) else intended
+        if not isinstance(intended, list) or not all(isinstance(target, str) for target in intended):
+            raise MissingInputError(f"{path}: IntendedFor must be a path or a list of paths "
+                                    "(bids::sub-<label>/...); fix the sidecar")
+
+
+def _check_filter_entities(layout: "BIDSLayout", priors_layouts: list[tuple[str, "BIDSLayout"]],
+                           queries: Mapping[str, Mapping[str, Any]], filter_file: Path) -> None:
+    """Every entity a query names must be one pybids knows for the layout it is sent to (else exit 64)."""
+    for kind, query in queries.items():
+        layouts = [layout] if kind in _RAW_KINDS else [lay for _, lay in priors_layouts]
+        for layout_ in layouts:
+            known = set(layout_.get_entities())
+            unknown = sorted(set(query) - known)
+            if unknown:
+                raise UsageError(f"--bids-filter-file {filter_file}: {kind}.{unknown[0]} is not a BIDS entity or "
+                                 "metadata field of the dataset; use entity names such as acquisition, run, "
+                                 "reconstruction")
 
 
 def needed_kinds(input_modality: str) -> frozenset[str]:
@@ -327,7 +376,7 @@ def _bssfp(layout: "BIDSLayout", queries: Mapping[str, Mapping[str, Any]], subje
     mag_header = read_nifti_header(magnitude)
     phase_header = read_nifti_header(phase)
     check_same_grid(magnitude, mag_header, phase, phase_header)
-    shape = tuple(int(n) for n in mag_header.get_data_shape())
+    shape = effective_shape(mag_header.get_data_shape())
     mag_meta = layout.get_metadata(str(magnitude))
     phase_meta = layout.get_metadata(str(phase))
     increments = phase_increments(magnitude, shape, mag_meta, phase, phase_meta)
@@ -335,9 +384,9 @@ def _bssfp(layout: "BIDSLayout", queries: Mapping[str, Mapping[str, Any]], subje
         magnitude=magnitude, phase=phase, phase_units=phase_units(phase, phase_meta),
         phase_increments_deg=increments, shape=shape,
         voxel_size_mm=tuple(float(v) for v in mag_header.get_zooms()[:3]),
-        repetition_time_s=_float(mag_meta.get("RepetitionTime")), echo_time_s=_float(mag_meta.get("EchoTime")),
-        flip_angle_deg=_float(mag_meta.get("FlipAngle")),
-        field_strength_t=_float(mag_meta.get("MagneticFieldStrength")))
+        repetition_time_s=_number(mag_meta, "RepetitionTime", magnitude),
+        echo_time_s=_number(mag_meta, "EchoTime", magnitude), flip_angle_deg=_number(mag_meta, "FlipAngle", magnitude),
+        field_strength_t=_number(mag_meta, "MagneticFieldStrength", magnitude))
 
 
 def phase_increments(magnitude: Path, shape: tuple[int, ...], mag_meta: Mapping[str, Any], phase: Path,
@@ -354,11 +403,15 @@ def phase_increments(magnitude: Path, shape: tuple[int, ...], mag_meta: Mapping[
     if not listed:
         logger.warning("%s: no PhaseIncrements in the sidecar; assuming 0, 30, ..., 330 degrees", magnitude.name)
         return tuple(360.0 * k / shape[3] for k in range(shape[3]))
-    for values, source in zip(listed, (magnitude, phase)):
+    sources = [source for meta, source in ((mag_meta, magnitude), (phase_meta, phase)) if "PhaseIncrements" in meta]
+    for values, source in zip(listed, sources):
         if not isinstance(values, list) or len(values) != shape[3]:
             count = len(values) if isinstance(values, list) else "no list of"
             raise MissingInputError(f"{source}: the sidecar lists {count} PhaseIncrements but the series has "
                                     f"{shape[3]} volumes; fix the sidecar")
+        if not all(_is_number(value) for value in values):
+            raise MissingInputError(f"{source}: the sidecar's PhaseIncrements are not all numbers (degrees); "
+                                    "fix the sidecar")
     if len(listed) == 2 and not np.allclose(listed[0], listed[1]):
         raise MissingInputError(f"bSSFP magnitude {magnitude} and phase {phase} list different PhaseIncrements; "
                                 "fix the sidecars")
@@ -375,7 +428,12 @@ def phase_units(phase: Path, meta: Mapping[str, Any]) -> str:
         return units
     import nibabel as nib
 
-    detected = detect_phase_units(np.asanyarray(nib.load(str(phase)).dataobj))
+    try:
+        values = np.asanyarray(nib.load(str(phase)).dataobj)
+    except (OSError, EOFError, ValueError, zlib.error) as error:
+        raise MissingInputError(f"bSSFP phase {phase}: its voxel data cannot be read ({type(error).__name__}); "
+                                "re-export or replace it") from None
+    detected = detect_phase_units(values)
     if detected is None:
         raise MissingInputError(f"bSSFP phase {phase}: cannot tell the units (values neither within [-pi, pi] "
                                 "nor integers 0..4095); set \"Units\" to \"rad\" or \"arbitrary\" in its sidecar")
@@ -412,7 +470,11 @@ def _t1w(layout: "BIDSLayout", query: Mapping[str, Any], subject: str, session: 
     if len(same_session) > 1:
         logger.info("%s: %d T1w images match; using %s", where, len(same_session), image.name)
     header = read_nifti_header(image)
-    return T1wInput(image=image, session=found_in, shape=tuple(int(n) for n in header.get_data_shape()),
+    shape = effective_shape(header.get_data_shape())
+    if len(shape) != 3:
+        raise MissingInputError(f"T1w {image} holds {int(np.prod(shape[3:]))} volumes (shape {shape}); give a "
+                                "single 3D image or select one with --bids-filter-file")
+    return T1wInput(image=image, session=found_in, shape=shape,
                     voxel_size_mm=tuple(float(v) for v in header.get_zooms()[:3]))
 
 
@@ -422,7 +484,7 @@ def _dwi(layout: "BIDSLayout", queries: Mapping[str, Mapping[str, Any]], subject
     if image is None:
         return None
     header = read_nifti_header(image)
-    shape = tuple(int(n) for n in header.get_data_shape())
+    shape = effective_shape(header.get_data_shape())
     if len(shape) != 4:
         raise MissingInputError(f"DWI {image} is not 4D (shape {shape}); give the full diffusion series")
     bval, bvec = _companion(layout, image, "bval"), _companion(layout, image, "bvec")
@@ -430,8 +492,8 @@ def _dwi(layout: "BIDSLayout", queries: Mapping[str, Mapping[str, Any]], subject
     meta = layout.get_metadata(str(image))
     return DwiInput(image=image, bval=bval, bvec=bvec, b_values=b_values, shape=shape,
                     voxel_size_mm=tuple(float(v) for v in header.get_zooms()[:3]),
-                    phase_encoding_direction=meta.get("PhaseEncodingDirection"),
-                    total_readout_time_s=_float(meta.get("TotalReadoutTime")),
+                    phase_encoding_direction=_phase_encoding(meta, image),
+                    total_readout_time_s=_number(meta, "TotalReadoutTime", image),
                     reverse_pe_b0=_reverse_pe_b0(layout, queries["fmap_epi"], image, subject, session, meta))
 
 
@@ -459,6 +521,10 @@ def read_gradients(image: Path, bval: Path, bvec: Path, n_volumes: int) -> tuple
     if b_vectors.shape != (3, n_volumes):
         raise MissingInputError(f"DWI {image} has {n_volumes} volumes but {bvec} holds a "
                                 f"{b_vectors.shape[0]}x{b_vectors.shape[1]} table (3x{n_volumes} expected); fix the .bvec")
+    if not np.all(np.isfinite(b_values)) or np.any(b_values < 0):
+        raise MissingInputError(f"DWI {image}: {bval} holds negative or non-numeric b-values; fix the .bval")
+    if not np.all(np.isfinite(b_vectors)):
+        raise MissingInputError(f"DWI {image}: {bvec} holds non-numeric entries; fix the .bvec")
     return tuple(float(b) for b in b_values)
 
 
@@ -469,16 +535,16 @@ def _reverse_pe_b0(layout: "BIDSLayout", query: Mapping[str, Any], dwi: Path, su
     relative = dwi.relative_to(Path(layout.root) / f"sub-{subject}").as_posix()
     intended = []
     opposed = []
+    dwi_direction = _phase_encoding(dwi_meta, dwi)
     for candidate in candidates:
         meta = layout.get_metadata(str(candidate))
         targets = meta.get("IntendedFor", [])
-        targets = [targets] if isinstance(targets, str) else targets
-        if any(str(t).endswith(relative) for t in targets):
+        targets = [targets] if isinstance(targets, str) else targets  # a list of str: check_sidecars
+        if any(t.endswith(relative) for t in targets):
             intended.append(candidate)
-        direction = meta.get("PhaseEncodingDirection")
-        if direction and dwi_meta.get("PhaseEncodingDirection") and \
-                direction.rstrip("-") == dwi_meta["PhaseEncodingDirection"].rstrip("-") and \
-                direction != dwi_meta["PhaseEncodingDirection"]:
+        direction = _phase_encoding(meta, candidate)
+        if direction and dwi_direction and direction.rstrip("-") == dwi_direction.rstrip("-") and \
+                direction != dwi_direction:
             opposed.append(candidate)
     chosen = intended[0] if intended else (opposed[0] if len(opposed) == 1 else None)
     if chosen is not None:
@@ -541,7 +607,20 @@ def read_nifti_header(path: Path) -> Any:
     if not _complete(Path(path), expected):
         raise MissingInputError(f"{path} is truncated or corrupt (fewer voxel bytes than its header says); "
                                 "re-export or replace it")
+    _check_geometry(Path(path), header)
     return header
+
+
+def _check_geometry(path: Path, header: Any) -> None:
+    """At least 3 non-empty dimensions and a finite, invertible voxel -> world affine (else 66)."""
+    shape = tuple(int(n) for n in header.get_data_shape())
+    if len(shape) < 3 or 0 in shape:
+        raise MissingInputError(f"{path} has shape {shape}; a 3D (or 4D) image with at least one voxel a side "
+                                "is needed, re-export it")
+    linear = np.asarray(header.get_best_affine(), dtype=np.float64)[:3, :3]
+    if not np.all(np.isfinite(linear)) or abs(np.linalg.det(linear)) < 1e-9:
+        raise MissingInputError(f"{path} has a non-finite or singular voxel-to-world affine (sform/qform, "
+                                "pixdim); fix its header")
 
 
 def _complete(path: Path, expected_bytes: int) -> bool:
@@ -567,14 +646,15 @@ def _decompressed_size(path: Path) -> int:
 
 
 def check_same_grid(first: Path, first_header: Any, second: Path, second_header: Any) -> None:
-    """Same voxel grid: identical shape (incl. volumes) and affines equal within 1e-3 mm."""
-    same_shape = first_header.get_data_shape() == second_header.get_data_shape()
+    """Same voxel grid: identical shape (incl. volumes; singleton dimensions after the third ignored)
+    and affines equal within 1e-3 mm."""
+    first_shape = effective_shape(first_header.get_data_shape())
+    second_shape = effective_shape(second_header.get_data_shape())
     same_affine = np.allclose(first_header.get_best_affine(), second_header.get_best_affine(), atol=1e-3)
-    if not same_shape:
+    if first_shape != second_shape:
         raise MissingInputError(
             f"bSSFP magnitude {first} and phase {second} are on different grids "
-            f"(shapes {first_header.get_data_shape()} vs {second_header.get_data_shape()}); "
-            "reconstruct them together")
+            f"(shapes {first_shape} vs {second_shape}); reconstruct them together")
     if not same_affine:
         offset = np.abs(first_header.get_best_affine() - second_header.get_best_affine()).max()
         raise MissingInputError(
@@ -582,5 +662,26 @@ def check_same_grid(first: Path, first_header: Any, second: Path, second_header:
             f"{offset:.3g} mm); reconstruct them together")
 
 
-def _float(value: Any) -> float | None:
-    return None if value is None else float(value)
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+def _number(meta: Mapping[str, Any], key: str, image: Path) -> float | None:
+    """A numeric sidecar field as float (None when absent); anything else is the user's to fix (66)."""
+    value = meta.get(key)
+    if value is None:
+        return None
+    if not _is_number(value):
+        raise MissingInputError(f"the sidecar of {image} gives {key} = {value!r}, not a number; fix the sidecar")
+    return float(value)
+
+
+def _phase_encoding(meta: Mapping[str, Any], image: Path) -> str | None:
+    """``PhaseEncodingDirection`` (i, j, k, i-, j-, k-) or None when absent."""
+    value = meta.get("PhaseEncodingDirection")
+    if value is None:
+        return None
+    if value not in PHASE_ENCODING_DIRECTIONS:
+        raise MissingInputError(f"the sidecar of {image} gives PhaseEncodingDirection = {value!r}; use one of "
+                                f"{', '.join(PHASE_ENCODING_DIRECTIONS)}")
+    return value

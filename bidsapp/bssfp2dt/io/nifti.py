@@ -54,6 +54,30 @@ def save_nifti(data: np.ndarray, affine: np.ndarray, path: Path | str, *, dtype:
     return Path(path)
 
 
+def effective_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The data shape with singleton dimensions after the third dropped.
+
+    ``(X, Y, Z, 1)`` -> ``(X, Y, Z)``; ``(X, Y, Z, 1, 12)`` -> ``(X, Y, Z, 12)`` (5D files written by
+    ITK-based tools keep the volumes in the 5th dimension). The three spatial dimensions are kept even
+    when they are 1, so a single slice stays 3D.
+    """
+    shape = tuple(int(n) for n in shape)
+    return shape[:3] + tuple(n for n in shape[3:] if n != 1)
+
+
+def load_nifti(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
+    """Read a NIfTI as ``(data, affine)`` the way input discovery describes it.
+
+    ``data`` has the :func:`effective_shape` (singleton dimensions after the third dropped) and holds
+    the scaled values (``raw * scl_slope + scl_inter`` when the header sets a slope; the raw dtype
+    otherwise). ``affine`` is the 4x4 voxel -> world (mm, RAS) matrix nibabel chooses (sform, else qform).
+    The voxel order on disk is kept: resampling uses the affine, so no reorientation is needed.
+    """
+    image = nib.load(str(path))
+    data = np.asanyarray(image.dataobj)
+    return data.reshape(effective_shape(data.shape)), image.affine
+
+
 def write_json(payload: dict[str, Any], path: Path | str) -> Path:
     """Write a JSON sidecar atomically (sorted keys, 2-space indent, trailing newline)."""
     with atomic_path(path) as temp_path:
