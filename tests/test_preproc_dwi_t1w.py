@@ -178,9 +178,20 @@ def t1w_phantom(shape=(24, 24, 24), noise=0.04, seed=3):
 
 def test_t1w_brain_mask_keeps_dark_ventricles_inside():
     image, labels = t1w_phantom()
-    mask = t1w_mod.brain_mask(image, median_radius=1, numpass=2)
+    mask = t1w_mod.brain_mask(image, median_radius=1, numpass=2, voxel_mm=2.0)
     assert dice(mask, labels > 0) > 0.9
     assert mask[labels == 1].all()
+
+
+def test_t1w_brain_mask_of_a_fine_image_works_on_2mm_blocks():
+    """A 1 mm image is masked on 2 mm blocks: the same head as the 2 mm image, at 1 mm."""
+    image, labels = t1w_phantom()
+    fine = image.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+    fine_labels = labels.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+    mask = t1w_mod.brain_mask(fine, median_radius=2, numpass=2, voxel_mm=1.0)
+    assert mask.shape == fine.shape
+    assert dice(mask, fine_labels > 0) > 0.9
+    assert mask[fine_labels == 1].all()
 
 
 def test_hmrf_tissue_maps_label_a_three_intensity_phantom():

@@ -139,8 +139,9 @@ def t1w_mask(t1w: str, prior_mask: str | None = None, out_dir: str = ".") -> tup
                                    order=0) > 0
         method = f"derivatives mask {Path(prior_mask).name}"
     else:
-        mask = t1w_steps.brain_mask(np.asarray(data, dtype=np.float64))
-        method = "median_otsu (dipy) + largest component + hole filling"
+        voxel_mm = float(np.mean(np.linalg.norm(affine[:3, :3], axis=0)))
+        mask = t1w_steps.brain_mask(np.asarray(data, dtype=np.float64), voxel_mm=voxel_mm)
+        method = "median_otsu (dipy, on ~2 mm blocks) + largest component + hole filling"
     path = _save(mask, affine, out_dir, "t1w_mask.nii.gz", dtype=np.uint8)
     return path, timer.done({"method": method, "voxels": int(mask.sum())})
 
