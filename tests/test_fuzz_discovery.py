@@ -63,7 +63,8 @@ class Tree:
         if fault == "uncompressed":
             path = path.with_name(path.name.replace(".nii.gz", ".nii"))
         if fault == "dims":
-            shape = self.pick([shape[:3], shape[:2], shape + (2,), (SIDE, 0, SIDE), shape[:3] + (int(self.rng.integers(2, 14)),)])
+            volumes = int(self.rng.integers(2, 14))
+            shape = self.pick([shape[:3], shape[:2], shape + (2,), (SIDE, 0, SIDE), shape[:3] + (volumes,)])
         if fault == "singleton":
             shape = shape[:3] + (1,) + shape[3:]
         path.parent.mkdir(parents=True, exist_ok=True)

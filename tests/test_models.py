@@ -9,7 +9,7 @@ from bssfp2dt.errors import EXIT_MISSING_INPUT, MissingInputError
 from bssfp2dt.models.checkpoint import load_release_checkpoint, save_release_checkpoint, sha256_file
 from bssfp2dt.models.discriminator import build_discriminator
 from bssfp2dt.models.generator import (
-    GENERATOR_SIZES, MODALITY_CHANNELS, Generator, InputHead, build_generator, count_parameters,
+    MODALITY_CHANNELS, Generator, InputHead, build_generator, count_parameters,
 )
 
 ALL_MODALITIES = list(MODALITY_CHANNELS)

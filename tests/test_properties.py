@@ -190,7 +190,8 @@ def test_output_names_refuse_bad_subject_labels(subject):
 
 
 # --------------------------------------------------------------------------- filter-file merging
-entity_names = st.text(string.ascii_lowercase, min_size=1, max_size=10).filter(lambda n: n not in ("subject", "session"))
+entity_names = st.text(string.ascii_lowercase, min_size=1, max_size=10).filter(
+    lambda name: name not in ("subject", "session"))
 json_text = st.text(max_size=12)
 scalar_values = st.one_of(st.none(), st.just("*"), json_text, st.integers(-10 ** 6, 10 ** 6))
 query_values = st.one_of(scalar_values, st.lists(st.one_of(json_text, st.integers(0, 99)), max_size=4))

@@ -154,6 +154,14 @@ def bval_negative(tmp):
     return argv(root, tmp), f"{bval} holds negative or non-numeric b-values"
 
 
+def bvec_not_finite(tmp):
+    root = dataset(tmp)
+    bvec = fx.dwi_path(root, "01", None).with_name("sub-01_dwi.bvec")
+    rows = bvec.read_text().splitlines()
+    bvec.write_text("\n".join([rows[0].replace("1.0000", "inf", 1)] + rows[1:]) + "\n")
+    return argv(root, tmp), f"{bvec} holds non-numeric entries"
+
+
 def no_dwi_for_dwi_modality(tmp):
     root = fx.make_bids_dataset(tmp / "bids", sessions=("1", "2"), dwi=False)
     return argv(root, tmp, "--input-modality", "dwi-tensor"), "sub-01 has no DWI"
@@ -183,6 +191,7 @@ CASES: dict[str, tuple[Builder, int]] = {
     "phase-data-corrupt": (phase_data_corrupt, EXIT_MISSING_INPUT),
     "bval-not-finite": (bval_not_finite, EXIT_MISSING_INPUT),
     "bval-negative": (bval_negative, EXIT_MISSING_INPUT),
+    "bvec-not-finite": (bvec_not_finite, EXIT_MISSING_INPUT),
     "no-dwi-for-dwi-modality": (no_dwi_for_dwi_modality, EXIT_MISSING_INPUT),
     "filter-unknown-entity": (filter_unknown_entity, EXIT_USAGE),
 }

@@ -222,8 +222,9 @@ def to_pybids(query: Mapping[str, Any]) -> dict[str, Any]:
 def discover(config: "Config") -> tuple[SubjectInputs, ...]:
     """Find and check the inputs of every selected subject and session.
 
-    Raises :class:`NoFilesSelectedError` (18) when labels or the filter file select nothing and
-    :class:`MissingInputError` (66) when a found file is unusable.
+    Raises :class:`NoFilesSelectedError` (18) when labels or the filter file select nothing,
+    :class:`UsageError` (64) when the filter file names an unknown entity or a query matches several
+    files, and :class:`MissingInputError` (66) when a found file or sidecar is unusable.
     """
     bids_dir = config.paths.bids_dir
     subjects = select_subjects(list_subjects(bids_dir), config.selection.participant_labels, bids_dir)
@@ -588,7 +589,8 @@ def _check_filters_matched(found: tuple[SubjectInputs, ...], layout: "BIDSLayout
 
 # --------------------------------------------------------------------------- NIfTI checks
 def read_nifti_header(path: Path) -> Any:
-    """Load the NIfTI header and check that the file holds all its voxel data; 66 if not.
+    """Load the NIfTI header and check that the file holds all its voxel data, has at least three
+    non-empty dimensions and an invertible affine; 66 if not.
 
     For .nii.gz the gzip trailer (uncompressed size mod 2^32) is compared with header offset + data
     size; only when that disagrees (truncation, or multi-member gzip) is the file fully decompressed.

@@ -26,7 +26,7 @@ import nibabel as nib
 import numpy as np
 
 from bssfp2dt.errors import UsageError
-from bssfp2dt.io.nifti import save_nifti, write_json, write_text
+from bssfp2dt.io.nifti import load_nifti, save_nifti, write_json, write_text
 from bssfp2dt.preprocessing.registration import RegistrationSettings
 
 logger = logging.getLogger(__name__)
@@ -90,8 +90,7 @@ def _out(out_dir: str | Path, name: str) -> Path:
 
 
 def _load(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    image = nib.load(str(path))
-    return np.asanyarray(image.dataobj), image.affine
+    return load_nifti(path)  # scaled values, singleton dimensions past the third dropped
 
 
 def _save(data: np.ndarray, affine: np.ndarray, out_dir: str | Path, name: str, dtype: Any = np.float32) -> str:

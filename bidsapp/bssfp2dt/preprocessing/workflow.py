@@ -419,8 +419,9 @@ def write_preprocessed(subject: PreprocessedSubject, config) -> list[Path]:
 
 
 def _array(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    image = nib.load(str(path))
-    return np.asanyarray(image.dataobj), image.affine
+    from bssfp2dt.io.nifti import load_nifti
+
+    return load_nifti(path)
 
 
 def _sources(record: dict, bids_dir: Path) -> list[str]:

@@ -5,10 +5,15 @@ volumes, X, Y, Z multiples of 16 (C_in = 24 for bSSFP, 6 for T1w and, in the aut
 Validation logs ``val_l1``, ``val_ssim``, ``val_psnr`` (dB) and ``val_loss`` (= L1 + 1 - SSIM, the value to
 monitor for early stopping and top-k checkpoints) once per epoch.
 
-Resuming is exact: the randomness of each training step (dropout) is drawn from a private generator seeded by
-(``seed``, number of batches trained so far), and that count is a buffer saved with the weights, so a run
-resumed from a Lightning checkpoint repeats an uninterrupted run bit for bit (with deterministic algorithms
-and a deterministic batch order); both optimiser states are saved by Lightning.
+Resuming is exact: each training step runs under a forked global RNG reseeded from (``seed``, number of
+batches trained so far), so its randomness (dropout) does not depend on what Lightning or the data loader drew
+before; that count is a buffer saved with the weights, and Lightning saves both optimiser states. A run resumed
+from a Lightning checkpoint therefore repeats an uninterrupted run bit for bit (with deterministic algorithms
+and a deterministic batch order).
+
+Lightning counts optimiser steps: ``trainer.global_step`` and ``max_steps`` advance by 2 per batch. In the
+head stage Lightning warns that modules are in eval mode at the start of training: those are the frozen
+batch-norm layers, on purpose.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import dataclasses
 import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
@@ -79,6 +84,14 @@ class Bssfp2dtGAN(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         generator_optimiser, discriminator_optimiser = self.optimizers()
+        terms = self.gan_step(batch, generator_optimiser, discriminator_optimiser, self.manual_backward)
+        self.log_dict({f"train_{name}": value for name, value in terms.items()}, on_step=True, on_epoch=True,
+                      batch_size=batch["input"].shape[0])
+
+    def gan_step(self, batch: dict[str, torch.Tensor], generator_optimiser: Any, discriminator_optimiser: Any,
+                 backward: Callable[[torch.Tensor], None]) -> dict[str, torch.Tensor]:
+        """One generator step then one discriminator step on ``batch``; return the detached loss terms
+        (generator terms and ``discriminator``). Usable without a Trainer (``backward=Tensor.backward``)."""
         source, target = batch["input"], batch["target"]
         with self._step_randomness():
             prediction = self(source)
@@ -86,20 +99,18 @@ class Bssfp2dtGAN(L.LightningModule):
             self.discriminator.requires_grad_(False)
             terms = self.loss(prediction, target, self.discriminator(source, prediction, self.input_modality))
             generator_optimiser.zero_grad()
-            self.manual_backward(terms["total"])
+            backward(terms["total"])
             generator_optimiser.step()
             self.discriminator.requires_grad_(True)
 
             real_logits = self.discriminator(source, target, self.input_modality)
             fake_logits = self.discriminator(source, prediction.detach(), self.input_modality)
-            d_loss = discriminator_loss(real_logits, fake_logits)
+            terms["discriminator"] = discriminator_loss(real_logits, fake_logits)
             discriminator_optimiser.zero_grad()
-            self.manual_backward(d_loss)
+            backward(terms["discriminator"])
             discriminator_optimiser.step()
         self.batches_trained += 1
-        logged = {f"train_{name}": value.detach() for name, value in terms.items()}
-        logged["train_discriminator"] = d_loss.detach()
-        self.log_dict(logged, on_step=True, on_epoch=True, batch_size=source.shape[0])
+        return {name: value.detach() for name, value in terms.items()}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         prediction = self(batch["input"])

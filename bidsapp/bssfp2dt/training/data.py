@@ -1,0 +1,429 @@
+"""Training data: session cross-pairing, the subject split, normalisation and the TorchIO patch queues.
+
+Pairing (DOVE: 3 bSSFP x 4 DWI sessions = 12 pairs per subject): every input session of a subject is
+paired with every DWI session of the same subject. Input sessions are the bSSFP sessions (``pc-bssfp``,
+``bssfp``), the distinct T1w images (``t1w``) or, in the autoencoder stage (``dwi-tensor``), the DWI
+sessions themselves, each paired only with itself (the autoencoder reproduces its input).
+
+All sessions of a subject live on the common T1w grid (see ``preprocessing.workflow``). Every volume is
+cropped to the bounding box of the pair's brain mask (input and target masks intersected), padded at the
+far end to at least the patch size, and normalised with the dataset-wide ranges fitted on the training
+subjects only. A TorchIO subject holds ``input`` (C, X, Y, Z), ``target`` (6, X, Y, Z) and ``mask``
+(1, X, Y, Z) with C = 24 (pc-bssfp, bssfp), 6 (t1w replicated, dwi-tensor).
+
+Randomness: the training queue of epoch e draws subject order, patch positions, patch shuffling and
+augmentation from a private stream seeded by (seed, e), so an epoch's batches do not depend on the
+process's history (exact resumption); validation uses the same fixed patches every epoch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import lightning as L
+import nibabel as nib
+import numpy as np
+import torch
+import torchio as tio
+from torch.utils.data import DataLoader, Sampler
+
+from bssfp2dt.errors import UsageError
+from bssfp2dt.models.generator import MODALITY_CHANNELS, PATCH_MULTIPLE, TENSOR_CHANNELS
+from bssfp2dt.preprocessing import normalization as norm
+from bssfp2dt.preprocessing.bssfp import deinterleave_channels, interleave_channels, single_bssfp
+
+logger = logging.getLogger(__name__)
+
+QUEUE_MAX_LENGTH = 16
+SAMPLES_PER_VOLUME = 8
+VALIDATION_SAMPLES_PER_VOLUME = 4
+DEFAULT_FRACTIONS = (0.70, 0.15, 0.15)  # train, validation, test (by subject)
+_EPOCH_STRIDE = 1_000_003  # a prime: (seed, epoch) pairs give distinct stream seeds
+_VALIDATION_STREAM = -1  # the "epoch" of the fixed validation patches
+
+
+# --------------------------------------------------------------------------- pairing
+@dataclass(frozen=True)
+class TrainingPair:
+    """One (input session, DWI session) pair of a subject; paths of float32 NIfTIs on the common grid.
+
+    ``input_path``: bSSFP (X, Y, Z, 24), T1w (X, Y, Z) or tensor (X, Y, Z, 6); ``target_path``: tensor
+    (X, Y, Z, 6) in mm^2/s; ``mask_paths``: the brain masks of both sessions (intersected).
+    """
+
+    subject: str
+    input_session: str | None
+    target_session: str | None
+    input_path: Path
+    target_path: Path
+    mask_paths: tuple[Path, ...]
+
+    def describe(self) -> str:
+        return f"sub-{self.subject} ses-{self.input_session} -> ses-{self.target_session}"
+
+
+def input_sessions(subject, modality: str) -> list[tuple[Any, Path]]:
+    """(preprocessed session, input image path) of every input session of ``modality`` in ``subject``.
+
+    ``subject``: :class:`bssfp2dt.preprocessing.workflow.PreprocessedSubject`. T1w sessions sharing one
+    T1w image count once.
+    """
+    if modality in ("pc-bssfp", "bssfp"):
+        return [(session, session.bssfp) for session in subject.sessions if session.bssfp is not None]
+    if modality == "dwi-tensor":
+        return [(session, session.tensor) for session in subject.sessions if session.tensor is not None]
+    if modality == "t1w":
+        seen: dict[Path, Any] = {}
+        for session in subject.sessions:
+            seen.setdefault(Path(session.t1w), session)
+        return [(session, path) for path, session in seen.items()]
+    raise UsageError(f"--input-modality {modality!r} cannot be trained; use one of {', '.join(MODALITY_CHANNELS)}")
+
+
+def pair_sessions(subject, modality: str) -> list[TrainingPair]:
+    """Every input session of ``modality`` x every DWI session of the same subject (autoencoder: itself)."""
+    targets = [session for session in subject.sessions if session.tensor is not None]
+    pairs = []
+    for source, path in input_sessions(subject, modality):
+        partners = [source] if modality == "dwi-tensor" else targets
+        for target in partners:
+            pairs.append(TrainingPair(subject.subject, source.session, target.session, Path(path),
+                                      Path(target.tensor), (Path(source.brain_mask), Path(target.brain_mask))))
+    return pairs
+
+
+def pair_subjects(subjects: Iterable, modality: str) -> list[TrainingPair]:
+    """:func:`pair_sessions` of every subject, in order; warns about subjects that give no pair."""
+    pairs = []
+    for subject in subjects:
+        found = pair_sessions(subject, modality)
+        if not found:
+            logger.warning("sub-%s: no %s session with a DWI session to pair: not used for training",
+                           subject.subject, modality)
+        pairs.extend(found)
+    return pairs
+
+
+# --------------------------------------------------------------------------- split
+@dataclass(frozen=True)
+class Split:
+    """Subject labels per part; ``seed`` and ``fractions`` (train, validation, test) reproduce it."""
+
+    train: tuple[str, ...]
+    validation: tuple[str, ...]
+    test: tuple[str, ...]
+    seed: int
+    fractions: tuple[float, float, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"train": list(self.train), "validation": list(self.validation), "test": list(self.test),
+                "seed": self.seed, "fractions": list(self.fractions)}
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any]) -> "Split":
+        return cls(tuple(payload["train"]), tuple(payload["validation"]), tuple(payload["test"]),
+                   int(payload["seed"]), tuple(float(f) for f in payload["fractions"]))
+
+    def save(self, path: Path | str) -> Path:
+        """Write ``split.json`` (atomically)."""
+        from bssfp2dt.io.nifti import write_json
+
+        return write_json(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path: Path | str) -> "Split":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def split_subjects(labels: Sequence[str], seed: int,
+                   fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> Split:
+    """Split subject labels into train/validation/test with a seeded permutation of the sorted labels.
+
+    Sizes: validation = round(f_val n), test = round(f_test n), train = the rest, with these rules for
+    small n: train keeps at least one subject; validation gets one subject whenever n >= 2 (early stopping
+    and checkpoint selection need it), taken from test first, then from train; with a single subject
+    validation reuses the training subject (warned: the validation loss is then not independent).
+    The result depends only on the set of labels, the seed and the fractions.
+    """
+    fractions = tuple(float(f) for f in fractions)
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6 or fractions[0] <= 0:
+        raise UsageError(f"split fractions {fractions} must be three non-negative numbers summing to 1, "
+                         "with a positive training fraction")
+    ordered = sorted(set(labels))
+    n = len(ordered)
+    if n == 0:
+        raise UsageError("training needs at least one subject with paired input and DWI sessions")
+    permuted = [ordered[i] for i in np.random.default_rng(seed).permutation(n)]
+    n_val, n_test = round(fractions[1] * n), round(fractions[2] * n)
+    while n_val + n_test > n - 1:  # keep one subject for training
+        if n_test > 0:
+            n_test -= 1
+        else:
+            n_val -= 1
+    if n >= 2 and n_val == 0:
+        if n_test > 0:
+            n_test -= 1
+        n_val = 1
+    n_train = n - n_val - n_test
+    train = tuple(permuted[:n_train])
+    validation = tuple(permuted[n_train:n_train + n_val])
+    test = tuple(permuted[n_train + n_val:])
+    if not validation:
+        logger.warning("only one subject (sub-%s): validation reuses the training subject, so the validation "
+                       "loss is not independent", train[0])
+        validation = train
+    return Split(train, validation, test, int(seed), fractions)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- normalisation
+def _load(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+
+
+def _merge(first: norm.Range | None, second: norm.Range | None) -> norm.Range | None:
+    if first is None or second is None:
+        return first or second
+    return norm.Range(min(first.low, second.low), max(first.high, second.high))
+
+
+def fit_training_normalization(subjects: Iterable, base: norm.Normalization | None = None) -> norm.Normalization:
+    """Dataset-wide min/max ranges (the reference method) over the training subjects' in-mask voxels.
+
+    Fitted session by session and merged (min of lows, max of highs), so memory stays one session.
+    Groups already in ``base`` (e.g. the tensor ranges of the checkpoint a stage starts from) are kept
+    unchanged, since the network learned to produce that scale; only missing groups are fitted.
+    ``subjects``: PreprocessedSubject objects of the training split.
+    """
+    base = base or norm.Normalization()
+    fitted: dict[str, norm.Range | None] = {group: None for group in norm.GROUPS}
+    seen_t1w: set[Path] = set()
+    for subject in subjects:
+        for session in subject.sessions:
+            mask = _load(session.brain_mask) > 0
+            if not mask.any():
+                continue
+            parts: dict[str, Any] = {}
+            if session.bssfp is not None:
+                magnitude, phase = deinterleave_channels(_load(session.bssfp))
+                parts.update(magnitudes=[magnitude], phases=[phase])
+            if session.tensor is not None:
+                parts["tensors"] = [_load(session.tensor)]
+            if Path(session.t1w) not in seen_t1w:
+                seen_t1w.add(Path(session.t1w))
+                parts["t1ws"] = [_load(session.t1w)]
+            ranges = norm.fit_normalization(masks=[mask], **parts)
+            for group in norm.GROUPS:
+                fitted[group] = _merge(fitted[group], getattr(ranges, group))
+    groups = {group: getattr(base, group) if getattr(base, group) is not None else fitted[group]
+              for group in norm.GROUPS}
+    return norm.Normalization(percentiles=base.percentiles, **groups)
+
+
+# --------------------------------------------------------------------------- volumes
+def mask_bounding_box(mask: np.ndarray, margin: int = 2) -> tuple[tuple[int, int], ...]:
+    """((start, stop) per axis) of the non-zero voxels of ``mask`` (X, Y, Z), grown by ``margin`` voxels
+    and clipped to the volume; the whole volume for an empty mask."""
+    where = np.argwhere(mask)
+    if where.size == 0:
+        return tuple((0, side) for side in mask.shape)
+    low = np.maximum(where.min(axis=0) - margin, 0)
+    high = np.minimum(where.max(axis=0) + 1 + margin, mask.shape)
+    return tuple((int(a), int(b)) for a, b in zip(low, high))
+
+
+@dataclass(frozen=True)
+class VolumeReader:
+    """TorchIO reader (``path -> (C, X, Y, Z) float32 tensor, affine``) for one role of one pair.
+
+    ``role``: "input", "target" or "mask"; ``modality``: the input modality; ``normalization``: the
+    :meth:`Normalization.to_dict` ranges; the volume is cropped to ``box`` and zero-padded at the far end
+    to at least ``min_shape``. A picklable dataclass so queue workers can load lazily.
+    """
+
+    role: str
+    modality: str
+    normalization: dict = field(hash=False, compare=False)
+    mask_paths: tuple[Path, ...]
+    box: tuple[tuple[int, int], ...]
+    min_shape: tuple[int, int, int]
+
+    def __call__(self, path) -> tuple[torch.Tensor, np.ndarray]:
+        image = nib.load(str(path))
+        mask = self.mask()
+        if self.role == "mask":
+            channels = mask[None].astype(np.float32)
+        else:
+            channels = self.normalised(np.asarray(image.dataobj, dtype=np.float32), mask)
+        slices = tuple(slice(a, b) for a, b in self.box)
+        cropped = channels[(slice(None),) + slices]
+        padding = [(0, 0)] + [(0, max(0, want - have)) for want, have in zip(self.min_shape, cropped.shape[1:])]
+        affine = image.affine.copy()
+        affine[:3, 3] = image.affine[:3, :3] @ np.array([a for a, _ in self.box]) + image.affine[:3, 3]
+        return torch.from_numpy(np.ascontiguousarray(np.pad(cropped, padding))), affine
+
+    def mask(self) -> np.ndarray:
+        """The pair's brain mask (X, Y, Z) bool: the intersection of both sessions' masks."""
+        masks = [_load(path) > 0 for path in self.mask_paths]
+        return np.logical_and.reduce(masks)
+
+    def normalised(self, volume: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The network channels (C, X, Y, Z) in [0, 1], zero outside ``mask``."""
+        params = norm.Normalization.from_dict(self.normalization)
+        if self.role == "target" or self.modality == "dwi-tensor":
+            channels = norm.normalize_tensor(volume, params, mask)
+        elif self.modality in ("pc-bssfp", "bssfp"):
+            magnitude, phase = deinterleave_channels(volume)
+            if self.modality == "bssfp":  # idempotent when preprocessing already wrote the single variant
+                magnitude, phase = single_bssfp(magnitude, magnitude.shape[-1]), single_bssfp(phase, phase.shape[-1])
+            channels = interleave_channels(*norm.normalize_bssfp(magnitude, phase, params, mask))
+        elif self.modality == "t1w":
+            t1w = norm.normalize_t1w(volume, params, mask)
+            channels = np.repeat(t1w[..., None], MODALITY_CHANNELS["t1w"], axis=-1)
+        else:
+            raise UsageError(f"--input-modality {self.modality!r} cannot be trained")
+        expected = TENSOR_CHANNELS if self.role == "target" else MODALITY_CHANNELS[self.modality]
+        if channels.shape[-1] != expected:
+            raise UsageError(f"{self.role} volume has {channels.shape[-1]} channels, {self.modality} needs "
+                             f"{expected}; rerun the preprocessing")
+        return np.moveaxis(channels.astype(np.float32), -1, 0)
+
+
+def pair_subject(pair: TrainingPair, modality: str, normalization: norm.Normalization,
+                 patch_size: int) -> tio.Subject:
+    """The lazy TorchIO subject of ``pair``: ``input``, ``target`` (ScalarImage) and ``mask`` (LabelMap)."""
+    mask = np.logical_and.reduce([_load(path) > 0 for path in pair.mask_paths])
+    box = mask_bounding_box(mask)
+    common = dict(modality=modality, normalization=normalization.to_dict(), mask_paths=pair.mask_paths,
+                  box=box, min_shape=(patch_size,) * 3)
+    return tio.Subject(
+        input=tio.ScalarImage(pair.input_path, reader=VolumeReader("input", **common)),
+        target=tio.ScalarImage(pair.target_path, reader=VolumeReader("target", **common)),
+        mask=tio.LabelMap(pair.mask_paths[-1], reader=VolumeReader("mask", **common)),
+        subject=pair.subject, input_session=str(pair.input_session), target_session=str(pair.target_session),
+    )
+
+
+def augmentation() -> tio.Compose:
+    """Input-only augmentation of the reference method: bias field (p 0.25), Gaussian noise std 0-0.01 (p 0.25)."""
+    return tio.Compose([tio.RandomBiasField(p=0.25, include=["input"]),
+                        tio.RandomNoise(std=(0.0, 0.01), p=0.25, include=["input"])])
+
+
+def check_patch_size(patch_size: int) -> int:
+    """``patch_size`` (voxels) if it is a positive multiple of 16; UsageError naming ``--patch-size`` otherwise."""
+    if patch_size <= 0 or patch_size % PATCH_MULTIPLE:
+        raise UsageError(f"--patch-size {patch_size} must be a positive multiple of {PATCH_MULTIPLE} "
+                         f"(the network halves the patch four times)")
+    return patch_size
+
+
+# --------------------------------------------------------------------------- queues
+class _SeededOrder(Sampler[int]):
+    """A fixed permutation of ``range(n)`` drawn from ``seed`` (identity when ``shuffle`` is False)."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+        self.order = order.tolist()
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+class SeededQueue(tio.Queue):
+    """A :class:`torchio.Queue` whose randomness (patch positions, patch shuffling, augmentation, worker
+    seeds) comes from a private stream seeded by ``stream_seed``, not from the process's global state."""
+
+    def __init__(self, subjects_dataset: tio.SubjectsDataset, stream_seed: int, shuffle: bool, **options):
+        super().__init__(subjects_dataset, subject_sampler=_SeededOrder(len(subjects_dataset), stream_seed, shuffle),
+                         shuffle_subjects=False, shuffle_patches=shuffle, start_background=False, **options)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(stream_seed)
+            self._rng_state = torch.get_rng_state()
+
+    def _fill(self) -> None:
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self._rng_state)
+            super()._fill()
+            self._rng_state = torch.get_rng_state()
+
+
+def collate_patches(patches: list[dict]) -> dict[str, torch.Tensor]:
+    """TorchIO patches -> {"input": (B, C, P, P, P), "target": (B, 6, P, P, P), "mask": (B, 1, P, P, P)}."""
+    return {key: torch.stack([patch[key][tio.DATA] for patch in patches]) for key in ("input", "target", "mask")}
+
+
+class TrainingData(L.LightningDataModule):
+    """Patch loaders of one run: a fresh epoch-seeded training queue each epoch, fixed validation patches.
+
+    ``train_pairs``/``validation_pairs``: :class:`TrainingPair` lists; ``modality``: the input modality;
+    ``patch_size``: cubic edge (voxels, multiple of 16); ``num_workers``: subject-loading processes of the
+    queue (0: the main process). Use with ``reload_dataloaders_every_n_epochs=1`` (see ``trainer.py``).
+    The normalisation and the split travel in Lightning checkpoints through :meth:`state_dict`.
+    """
+
+    def __init__(self, train_pairs: Sequence[TrainingPair], validation_pairs: Sequence[TrainingPair], modality: str,
+                 normalization: norm.Normalization, *, patch_size: int = 64, batch_size: int = 1,
+                 num_workers: int = 0, seed: int = 0, split: Split | None = None,
+                 samples_per_volume: int = SAMPLES_PER_VOLUME, max_length: int = QUEUE_MAX_LENGTH,
+                 validation_samples_per_volume: int = VALIDATION_SAMPLES_PER_VOLUME):
+        super().__init__()
+        if not train_pairs:
+            raise UsageError("no training pair: the training subjects have no input session with a DWI session")
+        self.train_pairs = list(train_pairs)
+        self.validation_pairs = list(validation_pairs)
+        self.modality = modality
+        self.normalization = normalization
+        self.patch_size = check_patch_size(patch_size)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.split = split
+        self.samples_per_volume = samples_per_volume
+        self.max_length = max(max_length, samples_per_volume)
+        self.validation_samples_per_volume = validation_samples_per_volume
+
+    def subjects(self, pairs: Sequence[TrainingPair]) -> list[tio.Subject]:
+        return [pair_subject(pair, self.modality, self.normalization, self.patch_size) for pair in pairs]
+
+    def train_queue(self, epoch: int) -> SeededQueue:
+        """The training queue of ``epoch``: shuffled subjects, uniform patches, augmentation."""
+        dataset = tio.SubjectsDataset(self.subjects(self.train_pairs), transform=augmentation())
+        return SeededQueue(dataset, self.seed * _EPOCH_STRIDE + epoch, True, max_length=self.max_length,
+                           samples_per_volume=self.samples_per_volume,
+                           sampler=tio.UniformSampler(self.patch_size), num_workers=self.num_workers)
+
+    def validation_queue(self) -> SeededQueue:
+        """The fixed validation patches: same subjects order, positions and values every epoch."""
+        dataset = tio.SubjectsDataset(self.subjects(self.validation_pairs))
+        return SeededQueue(dataset, self.seed * _EPOCH_STRIDE + _VALIDATION_STREAM, False,
+                           max_length=max(self.max_length, self.validation_samples_per_volume),
+                           samples_per_volume=self.validation_samples_per_volume,
+                           sampler=tio.UniformSampler(self.patch_size), num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        # The queue is a map-style dataset that must be read in order by a single process.
+        return DataLoader(self.train_queue(epoch), batch_size=self.batch_size, num_workers=0,
+                          collate_fn=collate_patches)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.validation_pairs:
+            return []
+        return DataLoader(self.validation_queue(), batch_size=self.batch_size, num_workers=0,
+                          collate_fn=collate_patches)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"normalization": self.normalization.to_dict(), "modality": self.modality,
+                "split": None if self.split is None else self.split.to_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = norm.Normalization.from_dict(state_dict["normalization"])
+        if saved != self.normalization:
+            logger.warning("resumed checkpoint was trained with another normalisation; using the checkpoint's")
+            self.normalization = saved
