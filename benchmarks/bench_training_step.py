@@ -59,6 +59,31 @@ def run_one(size: str, patch: int, steps: int, threads: int | None) -> dict:
             "peak_rss_before_step_mib": rss_before, "peak_rss_mib": peak_rss_mib()}
 
 
+def bench_ssim(patch: int, threads: int | None, repeats: int = 2) -> dict:
+    """Forward + backward of the SSIM term on (1, 6, patch^3): MONAI's full-kernel SSIMLoss (the reference)
+    against the separable ``ssim_3d`` the loss uses; best of ``repeats``."""
+    import torch
+    from monai.losses import SSIMLoss
+
+    from bssfp2dt.training.losses import ssim_3d
+
+    if threads:
+        torch.set_num_threads(threads)
+    target = torch.rand(1, 6, patch, patch, patch)
+    monai_loss = SSIMLoss(spatial_dims=3, data_range=1.0)
+    timings = {}
+    candidates = [("monai", lambda p: monai_loss(p, target)), ("separable", lambda p: 1 - ssim_3d(p, target).mean())]
+    for name, function in candidates:
+        best = float("inf")
+        for _ in range(repeats):
+            prediction = torch.rand(1, 6, patch, patch, patch, requires_grad=True)
+            start = time.perf_counter()
+            function(prediction).backward()
+            best = min(best, time.perf_counter() - start)
+        timings[name] = best
+    return timings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["small", "reference"])
@@ -67,6 +92,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child == "ssim":
+        print(json.dumps(bench_ssim(args.patch, args.threads)))
+        return
     if args.child:
         print(json.dumps(run_one(args.child, args.patch, args.steps, args.threads)))
         return
@@ -84,6 +112,13 @@ def main() -> None:
               f"{result['discriminator_parameters'] / 1e6:5.2f} M parameters; first step "
               f"{result['first_step_s']:7.2f} s, later steps {result['later_steps_mean_s']:7.2f} s; peak RSS "
               f"{result['peak_rss_mib']:7.0f} MiB (model only: {result['peak_rss_before_step_mib']:.0f} MiB)")
+    command = [sys.executable, __file__, "--child", "ssim", "--patch", str(args.patch)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    ssim = json.loads(output.strip().splitlines()[-1])
+    print(f"SSIM term fwd+bwd (1, 6, {args.patch}^3): MONAI SSIMLoss {ssim['monai']:.2f} s, separable ssim_3d "
+          f"{ssim['separable']:.3f} s ({ssim['monai'] / ssim['separable']:.0f}x faster)")
     if "small" in results:
         base = results["small"]["later_steps_mean_s"]
         for size, result in results.items():

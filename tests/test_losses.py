@@ -12,7 +12,7 @@ import torch
 from bssfp2dt.errors import MissingInputError
 from bssfp2dt.training.losses import (
     GeneratorLoss, LossWeights, PerceptualLoss, adversarial_loss, build_medicalnet_resnet10, discriminator_loss,
-    medicalnet_features,
+    medicalnet_features, ssim_3d,
 )
 
 
@@ -59,6 +59,7 @@ def test_ssim_term_matches_scikit_image_per_channel():
         sigma=1.5, use_sample_covariance=False) for c in range(2)])
     terms = loss(prediction, target)
     assert terms["ssim"].item() == pytest.approx(1.0 - expected, abs=1e-5)
+    assert expected < 0.95  # a real test: far from the trivial SSIM of 1
     assert loss(prediction, prediction)["ssim"].item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -127,3 +128,12 @@ def test_perceptual_weights_missing_or_wrong_are_missing_input_errors(tmp_path):
     with pytest.raises(MissingInputError, match="not MedicalNet ResNet-10 weights") as raised:
         PerceptualLoss(wrong)
     assert raised.value.exit_code == 66
+
+
+def test_separable_ssim_matches_monai_full_kernel_ssim_per_batch_item():
+    from monai.losses import SSIMLoss
+
+    prediction, target = _pair(6, (2, 3, 16, 20, 18))
+    target = 0.5 * prediction + 0.5 * target
+    monai_loss = SSIMLoss(spatial_dims=3, data_range=1.0, reduction="none")(prediction, target).flatten()
+    assert torch.allclose(1.0 - ssim_3d(prediction, target), monai_loss, atol=1e-5)

@@ -61,7 +61,8 @@ def load_registry(registry_file: Path | str = REGISTRY_FILE) -> dict[str, ModelE
     try:
         content = tomllib.loads(registry_file.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
-        raise MissingInputError(f"model registry {registry_file} cannot be read ({error}); reinstall bssfp2dt") from None
+        raise MissingInputError(f"model registry {registry_file} cannot be read ({error}); "
+                                "reinstall bssfp2dt") from None
     if content.get("format_version", REGISTRY_FORMAT_VERSION) > REGISTRY_FORMAT_VERSION:
         raise MissingInputError(f"model registry {registry_file} has format version {content['format_version']}, "
                                 f"newer than this bssfp2dt reads; update bssfp2dt")

@@ -84,7 +84,7 @@ def run_participant(plan) -> int:
         label = subject_inputs.subject
         started = time.perf_counter()
         try:
-            with _subject_log(config, label):
+            with SubjectLog(config, label):
                 process_subject(plan, subject_inputs, model, device)
         except Exception as error:  # noqa: BLE001 - one subject's failure must not lose the others
             failed.append(label)
@@ -338,7 +338,7 @@ def evaluate_subject(config, preprocessed, raw_sessions, predictions, model: Loa
 
 
 # --------------------------------------------------------------------------- logs and crashes
-class _subject_log:
+class SubjectLog:
     """Context manager: copy the package's log records to ``sub-<label>/log/<run_uuid>/participant.log``."""
 
     def __init__(self, config, label: str):

@@ -221,7 +221,7 @@ def prepare_bssfp(magnitude: str, phase: str, phase_units: str, settings: Mappin
     phases = bssfp.global_phases(signal)
     signal = signal * np.exp(-1j * phases)
     if options.gibbs:
-        signal = bssfp.remove_gibbs(signal, mode="complex")
+        signal = bssfp.remove_gibbs(signal, mode="complex", num_processes=options.omp_nthreads or 1)
     complex_path = _save(signal, affine, out_dir, "bssfp_complex.nii.gz", dtype=np.complex64)
     reference_path = _save(np.abs(signal).mean(axis=-1), affine, out_dir, "bssfp_mean_magnitude.nii.gz")
     return complex_path, reference_path, timer.done({

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from monai.losses import SSIMLoss
 from monai.networks.nets import resnet10
 from torch import nn
 
@@ -25,12 +24,43 @@ _NORMALISATION_EPS = 1e-8
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Weights of the generator loss terms (dimensionless); perceptual x1000 as in the reference method."""
+    """Weights of the generator loss terms (dimensionless); perceptual x1000 as in the reference method.
+
+    The reference does not state its adversarial weight; 0.01 relative to L1 is pix2pix's balance
+    (lambda_L1 = 100). A weight of 1 made small networks on 16^3 patches diverge (validation L1 rising
+    2-15x), so the adversarial term is kept a regulariser, not a driver.
+    """
 
     l1: float = 1.0
     ssim: float = 1.0
     perceptual: float = 1000.0
-    adversarial: float = 1.0
+    adversarial: float = 0.01
+
+
+def ssim_3d(prediction: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, win_size: int = 11,
+            sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
+    """Mean SSIM per batch item (B,) of (B, C, X, Y, Z) volumes, sides >= ``win_size``.
+
+    The definition of MONAI's ``SSIMMetric`` and scikit-image (Gaussian window ``win_size`` voxels, sigma
+    ``sigma`` voxels, population covariances, valid positions only), computed with the Gaussian applied as three
+    1D convolutions: on CPU about 30x faster than MONAI's full 11^3 kernel at 64^3 (benchmarks/).
+    """
+    channels = prediction.shape[1]
+    offsets = torch.arange(win_size, dtype=prediction.dtype, device=prediction.device) - (win_size - 1) / 2
+    window = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    window = window / window.sum()
+    # Blur the five moments in one grouped pass per axis.
+    moments = torch.cat([prediction, target, prediction * prediction, target * target, prediction * target], dim=1)
+    for axis in range(3):
+        shape = [1, 1, 1]
+        shape[axis] = win_size
+        kernel = window.reshape(1, 1, *shape).expand(5 * channels, 1, *shape)
+        moments = F.conv3d(moments, kernel, groups=5 * channels)
+    mu_p, mu_t, pp, tt, pt = moments.split(channels, dim=1)
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    var_p, var_t, cov = pp - mu_p * mu_p, tt - mu_t * mu_t, pt - mu_p * mu_t
+    ssim_map = ((2 * mu_p * mu_t + c1) * (2 * cov + c2)) / ((mu_p ** 2 + mu_t ** 2 + c1) * (var_p + var_t + c2))
+    return ssim_map.flatten(1).mean(dim=1)
 
 
 def build_medicalnet_resnet10() -> nn.Module:
@@ -144,8 +174,12 @@ class GeneratorLoss:
     def __init__(self, weights: LossWeights = LossWeights(), perceptual_weights: Path | str | None = None,
                  data_range: float = 1.0):
         self.weights = weights
-        self.ssim_loss = SSIMLoss(spatial_dims=3, data_range=data_range)
+        self.data_range = data_range
         self.perceptual = PerceptualLoss(perceptual_weights)
+
+    def ssim_loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """1 - SSIM (3D, see ``ssim_3d``), averaged over the batch."""
+        return 1.0 - ssim_3d(prediction, target, self.data_range).mean()
 
     def __call__(self, prediction: torch.Tensor, target: torch.Tensor,
                  fake_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -3,7 +3,8 @@
 ``direct``: random initialisation, source -> tensor, everything trains.
 ``autoencoder``: DT -> DT (input modality ``dwi-tensor``), the whole UNet trains.
 ``head``: starts from the autoencoder release checkpoint, adds the target modality's head and trains only
-that head; the backbone, the other heads and every frozen batch-norm layer's running statistics stay as loaded.
+that head; the backbone, the other heads and every frozen batch-norm layer's running statistics stay as loaded
+(frozen batch norm normalises with the loaded statistics; the backbone's dropout stays active while training).
 ``finetune``: starts from the head-stage checkpoint, everything trains at a 10x lower learning rate.
 The discriminator is not part of a release checkpoint, so each stage trains a fresh one.
 """
