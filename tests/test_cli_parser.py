@@ -169,3 +169,24 @@ def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "bssfp2dt.cli.run", "/x", "/y"], capture_output=True,
                             text=True, check=False)
     assert result.returncode == EXIT_USAGE
+
+
+def test_preprocessing_options_reach_the_workflow_settings(tmp_path):
+    """--unringing-method / --hmc-model (QSIPrep's names) switch the optional preprocessing steps."""
+    from bssfp2dt.cli.parser import parse_args
+    from bssfp2dt.config import config_from_args, load_toml, save_toml
+    from bssfp2dt.io.bids import DEFAULT_QUERIES
+    from bssfp2dt.preprocessing.workflow import settings_from_config
+
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    (bids / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.10.0"}')
+    default = config_from_args(parse_args([str(bids), str(tmp_path / "out"), "participant"]), "run", DEFAULT_QUERIES)
+    assert settings_from_config(default).gibbs and settings_from_config(default).motion_correction
+    off = config_from_args(parse_args([str(bids), str(tmp_path / "out"), "participant", "--unringing-method", "none",
+                                       "--hmc_model", "none"]), "run", DEFAULT_QUERIES)
+    assert not settings_from_config(off).gibbs and not settings_from_config(off).motion_correction
+    assert load_toml(save_toml(off, tmp_path / "c.toml")) == off
+    with pytest.raises(SystemExit) as raised:
+        parse_args([str(bids), str(tmp_path / "out"), "participant", "--hmc-model", "eddy"])
+    assert raised.value.code == 64

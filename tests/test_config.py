@@ -167,7 +167,7 @@ def test_toml_round_trip(tmp_path, config):
     assert type(loaded.paths.derivatives) is tuple and type(loaded.paths.work_dir) is type(config.paths.work_dir)
     # Independent reader: the file is plain TOML with the expected tables, None values left out.
     raw = tomllib.loads(path.read_text())
-    assert set(raw) == {"paths", "selection", "resources", "model", "training", "run"}
+    assert set(raw) == {"paths", "selection", "resources", "model", "training", "run", "preprocessing"}
     if config.model.model is None:
         assert "model" not in raw["model"] and "mem_mb" not in raw["resources"]
 

@@ -92,6 +92,15 @@ class ModelSettings:
 
 
 @dataclass(frozen=True)
+class PreprocessingOptions:
+    """Optional preprocessing steps (QSIPrep's option names): Gibbs-ringing removal of bSSFP and DWI
+    (``dipy`` or ``none``) and DWI head-motion correction (``rigid`` or ``none``)."""
+
+    unringing_method: str = "dipy"
+    hmc_model: str = "rigid"
+
+
+@dataclass(frozen=True)
 class TrainingSettings:
     """Training stage (None = inference), starting weights, epoch bound and seed."""
 
@@ -123,6 +132,7 @@ class Config:
     run: RunSettings
     model: ModelSettings = field(default_factory=ModelSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
+    preprocessing: PreprocessingOptions = field(default_factory=PreprocessingOptions)
 
     def for_subject(self, label: str) -> "Config":
         """The same config restricted to one participant (what is saved in that subject's log)."""
@@ -233,6 +243,7 @@ def config_from_args(args: argparse.Namespace, run_uuid: str,
         run=RunSettings(run_uuid=run_uuid, skip_bids_validation=args.skip_bids_validation,
                         stop_on_first_crash=args.stop_on_first_crash, dry_run=args.dry_run,
                         verbosity=args.verbose),
+        preprocessing=PreprocessingOptions(unringing_method=args.unringing_method, hmc_model=args.hmc_model),
     )
 
 

@@ -163,6 +163,16 @@ def build_parser() -> BidsAppArgumentParser:
     model.add_argument("--write-preproc", "--write_preproc", dest="write_preproc", action="store_true",
                        help="also write the preprocessed network inputs")
 
+    preprocessing = parser.add_argument_group("Preprocessing")
+    preprocessing.add_argument("--unringing-method", "--unringing_method", dest="unringing_method",
+                               choices=("dipy", "none"), default="dipy",
+                               help="Gibbs-ringing removal of bSSFP and DWI: dipy's sub-voxel shifts, or none "
+                                    "(data without ringing, e.g. simulated) (default: %(default)s)")
+    preprocessing.add_argument("--hmc-model", "--hmc_model", dest="hmc_model", choices=("rigid", "none"),
+                               default="rigid",
+                               help="DWI head-motion correction: rigid registration of every volume with "
+                                    "b-vector rotation, or none (default: %(default)s)")
+
     training = parser.add_argument_group("Training (instead of inference)")
     training.add_argument("--train-stage", "--train_stage", dest="train_stage", choices=TRAIN_STAGES,
                           help="train this stage on the selected subjects instead of predicting")

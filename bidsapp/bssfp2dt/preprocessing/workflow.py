@@ -306,7 +306,9 @@ def configure_nipype(verbosity: int = 0) -> None:
 
 def settings_from_config(config) -> PreprocSettings:
     """Preprocessing settings implied by a run :class:`bssfp2dt.config.Config`."""
+    options = config.preprocessing
     return PreprocSettings(single_bssfp=config.selection.input_modality == "bssfp",
+                           gibbs=options.unringing_method != "none", motion_correction=options.hmc_model != "none",
                            omp_nthreads=config.resources.omp_nthreads)
 
 
