@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test test-fast demo benchmarks clean
+.PHONY: help install test test-fast demo benchmarks default-model clean
 
 DEMO := demo
 
@@ -15,6 +15,7 @@ help:
 	@echo "make test      install and run the test suite (what CI runs)"
 	@echo "make install   create $(VENV) and install bssfp2dt with its test dependencies"
 	@echo "make benchmarks  run the speed/memory benchmarks (minutes; results go in the README)"
+	@echo "make default-model  retrain the packaged default models on simulated data (seeded)"
 
 $(STAMP): pyproject.toml version
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +36,9 @@ demo: install
 	$(BIN)/bssfp2dt-simulate $(DEMO)/bids --subjects 2 --bssfp-sessions 1 --dwi-sessions 1 --seed 1 --overwrite
 	$(BIN)/bssfp2dt $(DEMO)/bids $(DEMO)/out participant --dry-run -w $(DEMO)/work
 	@echo "demo: simulated dataset in $(DEMO)/bids (ground truth in $(DEMO)/bids/derivatives/bssfp2dt-truth)"
+
+default-model: install
+	$(BIN)/python scripts/train_default_model.py
 
 benchmarks: install
 	for script in benchmarks/bench_*.py; do $(BIN)/python $$script || exit 1; done

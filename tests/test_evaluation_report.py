@@ -125,7 +125,7 @@ def test_statistics_table_and_sidecar(evaluated):
     assert result.table == out.error_table_path(root, "01", "1", "pcbssfp", "2")
     frame = read_table(result.table)
     assert list(frame.columns) == list(COLUMNS)
-    assert set(frame["subject"]) == {"01"} and set(frame["input_session"]) == {"1"}
+    assert set(frame["participant_id"]) == {"sub-01"} and set(frame["input_session"]) == {"1"}
     assert set(frame["dwi_session"]) == {"2"} and set(frame["modality"]) == {"pcbssfp"}
     diagonal = frame[(frame["metric"] == "diagonal") & frame["statistic"].isin(["weighted_mean", "median", "p99"])]
     np.testing.assert_allclose(diagonal["value"], 0.1, rtol=1e-9)

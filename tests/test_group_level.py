@@ -77,10 +77,10 @@ def test_group_table_is_the_union_of_the_participant_tables(group_run):
     group = read_table(out.group_errors_path(root))
     participant = pd.concat([read_table(path) for path in tables], ignore_index=True)
     assert len(group) == len(participant) == 4 * len(read_table(tables[0]))
-    keys = ["subject", "input_session", "dwi_session", "modality", "tissue", "metric", "statistic"]
+    keys = ["participant_id", "input_session", "dwi_session", "modality", "tissue", "metric", "statistic"]
     pd.testing.assert_frame_equal(group.sort_values(keys).reset_index(drop=True),
                                   participant.sort_values(keys).reset_index(drop=True))
-    assert set(group["subject"]) == {"01", "02"}
+    assert set(group["participant_id"]) == {"sub-01", "sub-02"}
 
 
 def test_group_summary_matches_a_hand_aggregation(group_run):

@@ -238,7 +238,7 @@ def _pair_label(columns: Mapping[str, Any]) -> str:
     def session(value):
         return "no session" if value in (None, "") or _is_missing(value) else f"ses-{value}"
 
-    return (f"sub-{columns['subject']}, {columns['modality']} input ({session(columns['input_session'])}) "
+    return (f"{columns['participant_id']}, {columns['modality']} input ({session(columns['input_session'])}) "
             f"vs DWI reference ({session(columns['dwi_session'])})")
 
 

@@ -35,10 +35,10 @@ POOLED_METRICS = {"diagonal": DIAGONAL_ELEMENTS, "offdiagonal": OFF_DIAGONAL_ELE
 #: Metrics of the statistics table, in order.
 TABLE_METRICS = tuple(POOLED_METRICS) + ERROR_METRICS
 #: Columns of the long-format table, in order.
-COLUMNS = ("subject", "input_session", "dwi_session", "modality", "tissue", "metric", "statistic", "value",
+COLUMNS = ("participant_id", "input_session", "dwi_session", "modality", "tissue", "metric", "statistic", "value",
            "n_voxels", "n_excluded")
 COLUMN_DESCRIPTIONS = {
-    "subject": "participant label (without sub-)",
+    "participant_id": "participant (sub-<label>)",
     "input_session": "session of the input image the tensor was predicted from (n/a: no session)",
     "dwi_session": "session of the reference DWI tensor (n/a: no session)",
     "modality": "input modality desc label (pcbssfp, bssfp, t1w, dwi)",
@@ -70,7 +70,7 @@ class EvaluationEntities:
         """The identifying columns of a table row (modality as its desc label)."""
         from bssfp2dt.io.derivatives import MODALITY_DESC
 
-        return {"subject": self.subject, "input_session": self.input_session, "dwi_session": self.dwi_session,
+        return {"participant_id": f"sub-{self.subject}", "input_session": self.input_session, "dwi_session": self.dwi_session,
                 "modality": MODALITY_DESC.get(self.modality, self.modality)}
 
 
@@ -171,7 +171,7 @@ def read_table(path: Path | str):
     import pandas as pd
 
     frame = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False,
-                        dtype={"subject": str, "input_session": str, "dwi_session": str})
+                        dtype={"participant_id": str, "input_session": str, "dwi_session": str})
     missing = [column for column in COLUMNS if column not in frame.columns]
     if missing:
         raise ValueError(f"columns {missing} missing")

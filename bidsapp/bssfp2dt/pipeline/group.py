@@ -120,7 +120,7 @@ def summarise_pairs(frame):
         values = group["value"].to_numpy(dtype=np.float64)
         present = np.isfinite(values)
         values = values[present]
-        row = dict(zip(keys, key), n_pairs=int(values.size), n_subjects=int(group["subject"][present].nunique()))
+        row = dict(zip(keys, key), n_pairs=int(values.size), n_subjects=int(group["participant_id"][present].nunique()))
         if values.size:
             p25, median, p75 = np.percentile(values, [25, 50, 75])
             row.update(mean=values.mean(), std=values.std(), median=median, p25=p25, p75=p75, min=values.min(),
@@ -130,7 +130,7 @@ def summarise_pairs(frame):
 
 
 def _count_pairs(frame) -> int:
-    return len(frame[["subject", "input_session", "dwi_session", "modality"]].drop_duplicates())
+    return len(frame[["participant_id", "input_session", "dwi_session", "modality"]].drop_duplicates())
 
 
 def _modalities(frame) -> list[str]:

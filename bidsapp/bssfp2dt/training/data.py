@@ -346,6 +346,10 @@ class SeededQueue(tio.Queue):
             torch.manual_seed(stream_seed)
             self._rng_state = torch.get_rng_state()
 
+    def __iter__(self):
+        # tio.Queue refills forever, so the sequence protocol alone would never stop: one epoch, then stop.
+        return (self[index] for index in range(len(self)))
+
     def _fill(self) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(self._rng_state)
