@@ -47,14 +47,14 @@ logger = logging.getLogger("train_default_model")
 
 
 # --------------------------------------------------------------------------- steps
-def simulate(root: Path, n_subjects: int, seed: int, quick: bool) -> Path:
+def simulate(root: Path, n_subjects: int, seed: int, quick: bool, voxel_scale: float = 1.0) -> Path:
     """A simulated BIDS dataset (1 pc-bSSFP + 1 DWI session per subject) under ``root``; reused if present."""
     from bssfp2dt.simulation.dataset import SimulationConfig, simulate_dataset
 
     if (root / "dataset_description.json").is_file():
         logger.info("reusing the simulated dataset %s", root)
         return root
-    settings = dict(n_subjects=n_subjects, bssfp_sessions=1, dwi_sessions=1, seed=seed)
+    settings = dict(n_subjects=n_subjects, bssfp_sessions=1, dwi_sessions=1, seed=seed, voxel_scale=voxel_scale)
     if quick:  # bssfp2dt-simulate --tiny
         settings.update(anatomy="procedural", phantom_scale=0.3, margin_mm=4.0, dwi_directions=(30, 30))
     return simulate_dataset(root, SimulationConfig(**settings), progress=False)
@@ -89,8 +89,13 @@ def train_stage(args, bids_dir: Path, stage: str, modality: str, init: Path | No
     bssfp2dt(bids_dir, output_dir, "participant", "--train-stage", stage, "--input-modality", modality,
              "--model-size", args.model_size, "--patch-size", args.patch_size, "--max-epochs", args.max_epochs,
              "--seed", args.seed, "-w", args.work / "work-train", "--nprocs", args.nprocs,
-             "--omp-nthreads", args.nprocs, "--skip-bids-validation", *extra)
+             "--omp-nthreads", args.nprocs, "--skip-bids-validation", *preprocessing_flags(args), *extra)
     return release_checkpoint(output_dir)
+
+
+def preprocessing_flags(args) -> list[str]:
+    """The simulator models neither Gibbs ringing nor motion within a scan, so those steps may be skipped."""
+    return ["--unringing-method", "none", "--hmc-model", "none"] if args.skip_unneeded_steps else []
 
 
 def package(checkpoint: Path, modality: str, args, train_seed: int, test_seed: int) -> dict:
@@ -230,6 +235,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-epochs", type=int, default=50)
     parser.add_argument("--patch-size", type=int, default=64)
     parser.add_argument("--nprocs", type=int, default=2)
+    parser.add_argument("--voxel-scale", type=float, default=1.0,
+                        help="simulate coarser raw images (x voxel size) for a faster CPU run; the network's "
+                             "grid stays 2 mm")
+    parser.add_argument("--keep-all-steps", dest="skip_unneeded_steps", action="store_false",
+                        help="also run Gibbs removal and DWI motion correction (the simulator models neither)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny phantoms, 3 + 1 subjects, tiny model, 2 epochs, 32^3 patches (smoke run)")
     args = parser.parse_args(argv)
@@ -244,8 +254,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(message)s", datefmt="%H:%M:%S")
     train_seed, test_seed = args.seed, args.seed + 1
-    train_bids = simulate(args.work / "train-bids", args.train_subjects, train_seed, args.quick)
-    test_bids = simulate(args.work / "heldout-bids", args.test_subjects, test_seed, args.quick)
+    train_bids = simulate(args.work / "train-bids", args.train_subjects, train_seed, args.quick, args.voxel_scale)
+    test_bids = simulate(args.work / "heldout-bids", args.test_subjects, test_seed, args.quick, args.voxel_scale)
 
     autoencoder = train_stage(args, train_bids, "autoencoder", MODALITIES[0], None)
     entries, cards = {}, []
@@ -257,16 +267,19 @@ def main(argv=None) -> int:
         entry = package(checkpoint, modality, args, train_seed, test_seed)
         model_out = args.work / "heldout" / f"model-{modality}"
         shutil.rmtree(model_out, ignore_errors=True)
-        work_test = args.work / f"work-heldout-{modality}"
+        work_test = args.work / "work-heldout"  # shared: both modalities need the same preprocessing
         bssfp2dt(test_bids, model_out, "participant", "--input-modality", modality,
                  "--model", MODELS_DIR / entry["file"], "--patch-size", args.patch_size, "-w", work_test,
-                 "--nprocs", args.nprocs, "--omp-nthreads", args.nprocs, "--skip-bids-validation")
+                 "--nprocs", args.nprocs, "--omp-nthreads", args.nprocs, "--skip-bids-validation",
+                 *preprocessing_flags(args))
         baseline_out = args.work / "heldout" / f"baseline-{modality}"
         shutil.rmtree(baseline_out, ignore_errors=True)
         evaluate_baseline(means, preprocessed_sessions(work_test), baseline_out, modality, test_bids)
         model_summary, baseline_summary = summarise(model_out), summarise(baseline_out)
         entry["evaluation"] = {"data": f"{args.test_subjects} held-out simulated subjects, seed {test_seed}",
                                "model": model_summary, "baseline_tissue_mean": baseline_summary}
+        entry["training"]["voxel_scale"] = args.voxel_scale
+        entry["training"]["preprocessing"] = " ".join(preprocessing_flags(args)) or "all steps"
         entries[modality] = entry
         cards.append(model_card(modality, model_summary, baseline_summary))
     write_registry(entries)
