@@ -134,7 +134,7 @@ def test_brainlife_config_becomes_a_bids_dataset_that_bssfp2dt_reads(simulated, 
     assert written["bssfp_mag"] == anat / "sub-Pilot7_acq-pcbssfp_part-mag_T2w.nii.gz"
     assert written["t1"] == anat / "sub-Pilot7_T1w.nii.gz"
     for kind in ("t1", "bssfp_mag", "bssfp_phase", "dwi"):
-        assert written[kind].is_symlink() and written[kind].resolve() == (job / config[kind]).resolve()
+        assert not written[kind].is_symlink() and written[kind].samefile(job / config[kind])  # a hard link
     for kind in ("bvals", "bvecs"):
         assert written[kind].read_bytes() == (job / config[kind]).read_bytes()
     phase_sidecar = json.loads(written["bssfp_phase"].with_name("sub-Pilot7_acq-pcbssfp_part-phase_T2w.json")
@@ -173,10 +173,12 @@ def test_brainlife_config_errors_name_the_key(simulated, tmp_path, change, messa
 def test_brainlife_t1w_only_config_and_default_subject(simulated, tmp_path):
     config = {key: value for key, value in brainlife_config(simulated, tmp_path).items()
               if key in ("t1",)}
-    inputs = brainlife.parse_config(config, base=tmp_path)
+    inputs = brainlife.parse_config({**config, "copy_inputs": "true"}, base=tmp_path)
     assert (inputs.subject, inputs.input_modality, inputs.bssfp_mag, inputs.dwi) == ("01", "t1w", None, None)
     written = brainlife.build_bids_dataset(inputs, tmp_path / "bids")
     assert sorted(written) == ["t1"]
+    source = tmp_path / config["t1"]
+    assert not written["t1"].samefile(source) and written["t1"].read_bytes() == source.read_bytes()
 
 
 def symmetric_tensors(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:

@@ -253,3 +253,15 @@ def test_validation_patches_are_the_same_every_epoch(subjects):
     second = list(module.val_dataloader())
     assert len(first) == 2 * 4 // 4  # subject 03 has 2 pairs, 4 patches each
     assert all(torch.equal(a["input"], b["input"]) for a, b in zip(first, second))
+
+
+def test_sessions_on_different_grids_are_not_paired(tmp_path, subjects, caplog):
+    import dataclasses
+
+    subject = subjects[1]  # bSSFP in session 1, DWI in sessions 1 and 2
+    other_mask = _save(np.ones((SHAPE[0] + 2,) + SHAPE[1:]), tmp_path / "other_mask.nii.gz", np.uint8)
+    moved = dataclasses.replace(subject.sessions[1], brain_mask=other_mask)
+    changed = PreprocessedSubject(subject.subject, (subject.sessions[0], moved))
+    pairs = data.pair_sessions(changed, "pc-bssfp")
+    assert [(p.input_session, p.target_session) for p in pairs] == [("1", "1")]
+    assert "different grids" in caplog.text

@@ -18,9 +18,11 @@ from test_training_data import synthetic_subject  # noqa: E402
 
 from bssfp2dt.errors import UsageError  # noqa: E402
 from bssfp2dt.models.generator import build_generator  # noqa: E402
+from bssfp2dt.pipeline.training import starting_point  # noqa: E402
 from bssfp2dt.training import data  # noqa: E402
 from bssfp2dt.training.losses import LossWeights  # noqa: E402
 from bssfp2dt.training.module import Bssfp2dtGAN  # noqa: E402
+from bssfp2dt.training.stages import get_stage  # noqa: E402
 from bssfp2dt.training.trainer import build_trainer, hardware, slurm_counts  # noqa: E402
 
 
@@ -57,9 +59,9 @@ def datamodule_factory(tmp_path_factory):
     normalization = data.fit_training_normalization(subjects[:1])
 
     def build() -> data.TrainingData:
-        return data.TrainingData(data.pair_subjects(subjects[:1], "pc-bssfp"), data.pair_subjects(subjects[1:], "pc-bssfp"),
-                                 "pc-bssfp", normalization, patch_size=16, batch_size=2, seed=4, samples_per_volume=2,
-                                 validation_samples_per_volume=2)
+        train, validation = (data.pair_subjects(part, "pc-bssfp") for part in (subjects[:1], subjects[1:]))
+        return data.TrainingData(train, validation, "pc-bssfp", normalization, patch_size=16, batch_size=2, seed=4,
+                                 samples_per_volume=2, validation_samples_per_volume=2)
     return build
 
 
@@ -96,6 +98,17 @@ def test_resuming_from_the_last_checkpoint_repeats_the_uninterrupted_run(tmp_pat
     checkpoint = torch.load(last, weights_only=False)
     assert checkpoint["TrainingData"]["normalization"] == datamodule_factory().normalization.to_dict()
 
+    # --init-checkpoint with a Lightning checkpoint: the same stage resumes, another must be the next stage.
+    start = starting_point(get_stage("direct"), "pc-bssfp", last, None)
+    assert start.resume and start.path == last
+    assert start.normalization == datamodule_factory().normalization
+    for key, value in start.generator.state_dict().items():
+        assert torch.equal(value, first.generator.state_dict()[key]), key
+    with pytest.raises(UsageError, match="direct stage"):
+        starting_point(get_stage("finetune"), "pc-bssfp", last, None)
+    with pytest.raises(UsageError, match="trained on pc-bssfp"):
+        starting_point(get_stage("direct"), "t1w", last, None)
+
 
 # --------------------------------------------------------------------------- the CLI chain
 @pytest.fixture(scope="module")
@@ -131,18 +144,25 @@ def test_autoencoder_head_finetune_chain_through_the_cli(tmp_path, cheap_preproc
 
     def stage(name: str, *extra: str) -> Path:
         before = time.time()
+        existing = set((out / "models").glob("*")) if (out / "models").exists() else set()
         assert main(common + ["--train-stage", name, *extra]) == 0
-        timings[name] = time.time() - before
-        (run_dir,) = (out / "models").glob(f"{name}-*")
+        timings[name] = timings.get(name, 0.0) + time.time() - before
+        (run_dir,) = set((out / "models").glob(f"{name}-*")) - existing
         return run_dir
 
     autoencoder = stage("autoencoder")
     head = stage("head", "--init-checkpoint", str(autoencoder / "model.pt"))
     finetune = stage("finetune", "--init-checkpoint", str(head / "checkpoints" / "last.ckpt"))
+    # The same stage's Lightning checkpoint resumes that run (argparse keeps the last --max-epochs).
+    resumed = stage("finetune", "--init-checkpoint", str(finetune / "checkpoints" / "last.ckpt"), "--max-epochs", "3")
     with capsys.disabled():
         print(f"\ntiny chain wall time {time.time() - started:.1f} s (per stage: "
               + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()) + ")")
 
+    steps = [int(torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]["batches_trained"])
+             for run in (finetune, resumed)]
+    assert steps == [2 * 4, 3 * 4]  # 2 train pairs x 8 patches / batch 4 = 4 steps per epoch
+    assert json.loads((resumed / "split.json").read_text()) == json.loads((finetune / "split.json").read_text())
     for run_dir in (autoencoder, head, finetune):
         for name in ("model.pt", "metrics.csv", "split.json", "config.toml", "checkpoints/last.ckpt"):
             assert (run_dir / name).is_file(), (run_dir, name)

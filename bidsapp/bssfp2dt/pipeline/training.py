@@ -35,7 +35,7 @@ def run_training(plan) -> int:
     import lightning as L
 
     from bssfp2dt.config import save_toml
-    from bssfp2dt.preprocessing.workflow import run_preprocessing
+    from bssfp2dt.inference.device import configure_cpu_threads
     from bssfp2dt.training import data
     from bssfp2dt.training.module import Bssfp2dtGAN
     from bssfp2dt.training.stages import get_stage, stage_modality
@@ -50,25 +50,10 @@ def run_training(plan) -> int:
     started = time.time()
     L.seed_everything(settings.seed, workers=True, verbose=False)
 
+    configure_cpu_threads(config.resources.omp_nthreads)
     start = starting_point(stage, modality, settings.init_checkpoint, config.model.model_size)
     run_dir = Path(config.paths.output_dir) / MODELS_FOLDER / f"{stage.name}-{input_modality}_{config.run.run_uuid}"
-    preprocessed = {subject.subject: run_preprocessing(plan, subject) for subject in plan.subjects}
-    usable = {label: subject for label, subject in preprocessed.items()
-              if data.pair_sessions(subject, input_modality)}
-    for label in sorted(set(preprocessed) - set(usable)):
-        logger.warning("sub-%s: no %s session with a DWI session: left out of the split", label, input_modality)
-    split = start.split or data.split_subjects(list(usable), settings.seed)
-    missing = [label for label in split.train + split.validation if label not in usable]
-    if missing:
-        raise MissingInputError(f"--init-checkpoint {settings.init_checkpoint}: its split needs "
-                                f"sub-{', sub-'.join(missing)}, which are not selected or have no pairs; select them")
-    normalization = start.normalization if start.resume else data.fit_training_normalization(
-        [usable[label] for label in split.train], start.normalization)
-    pairs = {part: data.pair_subjects([usable[label] for label in getattr(split, part)], input_modality)
-             for part in ("train", "validation", "test")}
-    logger.info("split (seed %d): %d/%d/%d subjects, %d/%d/%d %s -> DWI pairs", split.seed, len(split.train),
-                len(split.validation), len(split.test), *(len(pairs[p]) for p in ("train", "validation", "test")),
-                input_modality)
+    split, normalization, pairs = prepare_data(plan, input_modality, start)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     split.save(run_dir / "split.json")
@@ -90,6 +75,36 @@ def run_training(plan) -> int:
                                     normalization=normalization.to_dict())
     logger.info("training stage %s finished in %.0f s: %s", stage.name, time.time() - started, release)
     return 0
+
+
+def prepare_data(plan, input_modality: str, start: "StartingPoint"):
+    """Preprocess every selected subject, split them (or reuse the resumed run's split), fit the
+    normalisation on the training subjects and pair the sessions.
+
+    Returns ``(split, normalization, pairs)`` with ``pairs`` = {"train"|"validation"|"test": [TrainingPair]}.
+    """
+    from bssfp2dt.preprocessing.workflow import run_preprocessing
+    from bssfp2dt.training import data
+
+    settings = plan.config.training
+    preprocessed = {subject.subject: run_preprocessing(plan, subject) for subject in plan.subjects}
+    usable = {label: subject for label, subject in preprocessed.items()
+              if data.pair_sessions(subject, input_modality)}
+    for label in sorted(set(preprocessed) - set(usable)):
+        logger.warning("sub-%s: no %s session with a DWI session: left out of the split", label, input_modality)
+    split = start.split or data.split_subjects(list(usable), settings.seed)
+    missing = [label for label in split.train + split.validation if label not in usable]
+    if missing:
+        raise MissingInputError(f"--init-checkpoint {settings.init_checkpoint}: its split needs "
+                                f"sub-{', sub-'.join(missing)}, which are not selected or have no pairs; select them")
+    normalization = start.normalization if start.resume else data.fit_training_normalization(
+        [usable[label] for label in split.train], start.normalization)
+    pairs = {part: data.pair_subjects([usable[label] for label in getattr(split, part) if label in usable],
+                                      input_modality) for part in ("train", "validation", "test")}
+    logger.info("split (seed %d): %d/%d/%d subjects, %d/%d/%d %s -> DWI pairs", split.seed, len(split.train),
+                len(split.validation), len(split.test), *(len(pairs[p]) for p in ("train", "validation", "test")),
+                input_modality)
+    return split, normalization, pairs
 
 
 def queue_workers(nprocs: int) -> int:

@@ -90,9 +90,20 @@ def pair_sessions(subject, modality: str) -> list[TrainingPair]:
     for source, path in input_sessions(subject, modality):
         partners = [source] if modality == "dwi-tensor" else targets
         for target in partners:
+            if not _same_grid(source.brain_mask, target.brain_mask):
+                logger.warning("sub-%s: ses-%s and ses-%s are on different grids (different T1w images): not "
+                               "paired", subject.subject, source.session, target.session)
+                continue
             pairs.append(TrainingPair(subject.subject, source.session, target.session, Path(path),
                                       Path(target.tensor), (Path(source.brain_mask), Path(target.brain_mask))))
     return pairs
+
+
+def _same_grid(first: Path, second: Path) -> bool:
+    if Path(first) == Path(second):
+        return True
+    a, b = nib.load(str(first)), nib.load(str(second))
+    return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=1e-4)
 
 
 def pair_subjects(subjects: Iterable, modality: str) -> list[TrainingPair]:

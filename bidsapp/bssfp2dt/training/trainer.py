@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -93,6 +94,8 @@ class EpochSummary(Callback):
 
 def build_loggers(run_dir: Path, extra: Sequence[str] = (), run_name: str | None = None) -> list[Logger]:
     """CSVLogger writing ``run_dir/metrics.csv``, plus ``"tensorboard"``/``"wandb"`` when asked and installed."""
+    # The run folder already holds split.json and config.toml; the CSV logger replaces only metrics.csv.
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
     loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
     for name in extra:
         if name == "tensorboard":
@@ -129,8 +132,6 @@ def build_trainer(run_dir: Path | str, *, max_epochs: int, device: str | torch.d
     resolved = device if isinstance(device, torch.device) else resolve_device(device)
     slurm_devices, slurm_nodes = slurm_counts()
     settings = hardware(resolved, devices or slurm_devices, num_nodes or slurm_nodes)
-    if settings.deterministic:
-        torch.use_deterministic_algorithms(True)
     checkpoints = ModelCheckpoint(dirpath=str(run_dir / CHECKPOINT_FOLDER), monitor=MONITOR, mode="min",
                                   save_top_k=top_k, save_last=True, auto_insert_metric_name=False,
                                   filename="epoch{epoch:03d}-val_loss{val_loss:.5f}")
