@@ -190,3 +190,17 @@ def test_find_participant_results(written):
 def test_log_and_config_paths():
     assert out.run_config_path(Path("/o"), "01", "r1") == Path("/o/sub-01/log/r1/bssfp2dt.toml")
     assert out.run_config_path(Path("/o"), None, "r1") == Path("/o/log/r1/bssfp2dt.toml")
+
+
+def test_bids_uri_of_a_symlinked_input_names_the_bids_path(tmp_path):
+    """DataLad/git-annex datasets hold symlinks into .git/annex; the URI is the BIDS path, not the target."""
+    from bssfp2dt.io.derivatives import bids_uri
+
+    annex = tmp_path / "ds" / ".git" / "annex" / "objects"
+    annex.mkdir(parents=True)
+    (annex / "MD5E-s1--abc.nii.gz").write_bytes(b"x")
+    anat = tmp_path / "ds" / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    link = anat / "sub-01_T1w.nii.gz"
+    link.symlink_to(annex / "MD5E-s1--abc.nii.gz")
+    assert bids_uri(link, tmp_path / "ds") == "bids:raw:sub-01/anat/sub-01_T1w.nii.gz"

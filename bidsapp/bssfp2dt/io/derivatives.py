@@ -187,8 +187,13 @@ def find_participant_results(output_dir: Path, subjects: Sequence[str] = ()) -> 
 
 # --------------------------------------------------------------------------- dataset level
 def bids_uri(path: Path | str, bids_dir: Path) -> str:
-    """BIDS URI of an input file, ``bids:raw:sub-01/anat/...`` (``raw`` is a DatasetLinks key)."""
-    return f"bids:{RAW_DATASET_KEY}:{Path(path).resolve().relative_to(Path(bids_dir).resolve()).as_posix()}"
+    """BIDS URI of an input file, ``bids:raw:sub-01/anat/...`` (``raw`` is a DatasetLinks key).
+
+    Folders are resolved, the file itself is not: in DataLad/git-annex datasets every file is a symlink
+    into ``.git/annex``, and its URI must still name the BIDS path.
+    """
+    path = Path(path)
+    return f"bids:{RAW_DATASET_KEY}:{(path.parent.resolve() / path.name).relative_to(Path(bids_dir).resolve()).as_posix()}"
 
 
 def dataset_description(bids_dir: Path, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
