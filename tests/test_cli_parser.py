@@ -190,3 +190,23 @@ def test_preprocessing_options_reach_the_workflow_settings(tmp_path):
     with pytest.raises(SystemExit) as raised:
         parse_args([str(bids), str(tmp_path / "out"), "participant", "--hmc-model", "eddy"])
     assert raised.value.code == 64
+
+
+def test_perceptual_weights_must_exist_and_reach_the_training_settings(tmp_path):
+    from bssfp2dt.cli.parser import parse_args
+    from bssfp2dt.config import config_from_args
+    from bssfp2dt.errors import MissingInputError
+    from bssfp2dt.io.bids import DEFAULT_QUERIES
+
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    (bids / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.10.0"}')
+    weights = tmp_path / "resnet_10.pth"
+    weights.write_bytes(b"weights")
+    base = [str(bids), str(tmp_path / "out"), "participant", "--train-stage", "direct"]
+    config = config_from_args(parse_args(base + ["--perceptual-weights", str(weights)]), "run", DEFAULT_QUERIES)
+    assert config.training.perceptual_weights == weights.resolve()
+    with pytest.raises(MissingInputError) as raised:
+        config_from_args(parse_args(base + ["--perceptual_weights", str(tmp_path / "missing.pth")]), "run",
+                         DEFAULT_QUERIES)
+    assert "--perceptual-weights" in str(raised.value)

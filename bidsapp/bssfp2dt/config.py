@@ -108,6 +108,7 @@ class TrainingSettings:
     init_checkpoint: Path | None = None
     max_epochs: int = 100
     seed: int = 0
+    perceptual_weights: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -239,7 +240,8 @@ def config_from_args(args: argparse.Namespace, run_uuid: str,
                             patch_size=args.patch_size, batch_size=args.batch_size, write_preproc=args.write_preproc),
         training=TrainingSettings(stage=args.train_stage,
                                   init_checkpoint=_existing_file(args.init_checkpoint, "--init-checkpoint"),
-                                  max_epochs=args.max_epochs, seed=args.seed),
+                                  max_epochs=args.max_epochs, seed=args.seed,
+                                  perceptual_weights=_existing_file(args.perceptual_weights, "--perceptual-weights")),
         run=RunSettings(run_uuid=run_uuid, skip_bids_validation=args.skip_bids_validation,
                         stop_on_first_crash=args.stop_on_first_crash, dry_run=args.dry_run,
                         verbosity=args.verbose),

@@ -178,6 +178,9 @@ def build_parser() -> BidsAppArgumentParser:
                           help="train this stage on the selected subjects instead of predicting")
     training.add_argument("--init-checkpoint", "--init_checkpoint", dest="init_checkpoint", type=Path,
                           metavar="PATH", help="checkpoint whose weights start the stage")
+    training.add_argument("--perceptual-weights", "--perceptual_weights", dest="perceptual_weights", type=Path,
+                          metavar="PATH", help="MedicalNet ResNet-10 weights (.pth) for the perceptual loss "
+                                               "(x1000); without it that term is off (nothing is downloaded)")
     training.add_argument("--max-epochs", "--max_epochs", dest="max_epochs", type=positive_int, default=100,
                           help="upper bound on epochs (early stopping may end sooner) (default: %(default)s)")
     training.add_argument("--seed", type=non_negative_int, default=0,

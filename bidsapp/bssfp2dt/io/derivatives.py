@@ -45,7 +45,7 @@ SCALAR_DESCRIPTIONS = {
 # bids-validator-deno 3.x ignores no folder for a pattern with a trailing slash ("figures/"); the bare
 # name ("figures") matches the folder at any depth, so the evaluation's folders are listed both ways.
 BIDSIGNORE_LINES = ("*_dwimap.*", "*.html", "*_errors.tsv", "*_errors.json", "figures/", "figures", "logs/", "log/",
-                    "logs", "log",
+                    "logs", "log", "models/", "models",
                     "group/", "group")
 README_TEXT = (
     f"# {PIPELINE_NAME} derivatives\n\nDiffusion tensor (BEP016 draft naming, `*_dwimap.nii.gz`), FA, MD, AD, RD, "

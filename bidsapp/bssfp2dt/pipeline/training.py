@@ -61,7 +61,8 @@ def run_training(plan) -> int:
     datamodule = data.TrainingData(pairs["train"], pairs["validation"], input_modality, normalization,
                                    patch_size=patch_size, batch_size=config.model.batch_size,
                                    num_workers=queue_workers(config.resources.nprocs), seed=settings.seed, split=split)
-    module = Bssfp2dtGAN(start.generator, stage, modality, seed=settings.seed)
+    module = Bssfp2dtGAN(start.generator, stage, modality, seed=settings.seed,
+                         perceptual_weights=settings.perceptual_weights)
     trainer = build_trainer(run_dir, max_epochs=settings.max_epochs, device=config.resources.device,
                             progress_bar=True)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(start.path) if start.resume else None)

@@ -380,6 +380,8 @@ class TrainingData(L.LightningDataModule):
     ``patch_size``: cubic edge (voxels, multiple of 16); ``num_workers``: subject-loading processes of the
     queue (0: the main process). Use with ``reload_dataloaders_every_n_epochs=1`` (see ``trainer.py``).
     The normalisation and the split travel in Lightning checkpoints through :meth:`state_dict`.
+    Resuming from an epoch-end checkpoint (what ``trainer.py`` writes) repeats the uninterrupted run exactly;
+    a mid-epoch checkpoint would restart that epoch's patch stream from its beginning.
     """
 
     def __init__(self, train_pairs: Sequence[TrainingPair], validation_pairs: Sequence[TrainingPair], modality: str,
