@@ -6,6 +6,18 @@ import pytest
 from bssfp2dt.simulation.dataset import SimulationConfig, simulate_dataset
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op torch thread per test: on a shared 2-core machine (and with 2 pytest workers) OpenMP
+    spin-waiting makes 2 threads up to 10x slower. Imported lazily so non-torch tests stay light."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def tiny_config(**overrides) -> SimulationConfig:
     """The configuration of ``bssfp2dt-simulate --tiny`` with optional overrides."""
     settings = dict(n_subjects=1, bssfp_sessions=1, dwi_sessions=1, seed=0, anatomy="procedural",

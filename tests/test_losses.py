@@ -16,15 +16,6 @@ from bssfp2dt.training.losses import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes 2 threads 10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def medicalnet_file(tmp_path_factory):
     """A file laid out like MedicalNet's release: {"state_dict": {"module.<key>": ...}} with a conv_seg head."""

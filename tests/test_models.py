@@ -15,15 +15,6 @@ from bssfp2dt.models.generator import (
 ALL_MODALITIES = list(MODALITY_CHANNELS)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes 2 threads 10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _conv_parameters(c_in: int, c_out: int, kernel: int) -> int:
     return c_in * c_out * kernel ** 3 + c_out
 

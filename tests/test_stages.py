@@ -13,15 +13,6 @@ from bssfp2dt.training.module import Bssfp2dtGAN
 from bssfp2dt.training.stages import STAGES, apply_stage, get_stage, initial_generator
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes 2 threads 10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_stage_table():
     assert {name: (s.input_modality, s.trains, s.init_from, s.learning_rate) for name, s in STAGES.items()} == {
         "direct": (None, "all", None, 1e-4),

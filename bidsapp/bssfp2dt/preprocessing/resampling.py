@@ -18,12 +18,12 @@ import logging
 import numpy as np
 from scipy import ndimage
 
+from bssfp2dt.dti.eigen import bep016_to_matrix, matrix_to_bep016
 from bssfp2dt.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
 #: Index pairs (row, column) of the six BEP016 tensor components D11, D12, D13, D22, D23, D33.
-TENSOR_INDICES = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
 TENSOR_INTERPOLATIONS = ("linear", "log-euclidean")
 
 
@@ -116,24 +116,6 @@ def common_grid(t1w_affine: np.ndarray, t1w_shape: tuple[int, ...],
     return shape, affine
 
 
-def tensor6_to_matrix(tensor: np.ndarray) -> np.ndarray:
-    """``(..., 6)`` BEP016 components -> symmetric ``(..., 3, 3)`` matrices."""
-    tensor = np.asarray(tensor)
-    if tensor.shape[-1] != 6:
-        raise UsageError(f"a tensor volume needs 6 components on its last axis, got {tensor.shape[-1]}")
-    matrix = np.empty(tensor.shape[:-1] + (3, 3), dtype=tensor.dtype)
-    for component, (row, col) in enumerate(TENSOR_INDICES):
-        matrix[..., row, col] = tensor[..., component]
-        matrix[..., col, row] = tensor[..., component]
-    return matrix
-
-
-def matrix_to_tensor6(matrix: np.ndarray) -> np.ndarray:
-    """Symmetric ``(..., 3, 3)`` -> ``(..., 6)`` BEP016 components (upper triangle)."""
-    matrix = np.asarray(matrix)
-    return np.stack([matrix[..., row, col] for row, col in TENSOR_INDICES], axis=-1)
-
-
 def rotation_part(linear: np.ndarray) -> np.ndarray:
     """Rotation of a 3x3 linear map by the finite-strain polar decomposition.
 
@@ -217,13 +199,13 @@ def resample_tensor(tensor: np.ndarray, source_affine: np.ndarray, target_shape:
     if tensor.ndim != 4 or tensor.shape[-1] != 6:
         raise UsageError(f"a tensor volume must be (X, Y, Z, 6), got shape {tensor.shape}")
     if interpolation == "log-euclidean":
-        logs = _symmetric_function(tensor6_to_matrix(tensor), lambda v: np.log(np.maximum(v, floor)))
-        resampled_logs = resample(matrix_to_tensor6(logs), source_affine, target_shape, target_affine,
+        logs = _symmetric_function(bep016_to_matrix(tensor), lambda v: np.log(np.maximum(v, floor)))
+        resampled_logs = resample(matrix_to_bep016(logs), source_affine, target_shape, target_affine,
                                   transform, order, cval=np.log(floor))
-        matrices = _symmetric_function(tensor6_to_matrix(resampled_logs), np.exp)
+        matrices = _symmetric_function(bep016_to_matrix(resampled_logs), np.exp)
     else:
-        matrices = tensor6_to_matrix(resample(tensor, source_affine, target_shape, target_affine,
+        matrices = bep016_to_matrix(resample(tensor, source_affine, target_shape, target_affine,
                                               transform, order))
     rotation = tensor_rotation(source_affine, target_affine, transform)
     rotated = rotation.T @ matrices @ rotation
-    return matrix_to_tensor6(rotated)
+    return matrix_to_bep016(rotated)
