@@ -204,3 +204,15 @@ def test_bids_uri_of_a_symlinked_input_names_the_bids_path(tmp_path):
     link = anat / "sub-01_T1w.nii.gz"
     link.symlink_to(annex / "MD5E-s1--abc.nii.gz")
     assert bids_uri(link, tmp_path / "ds") == "bids:raw:sub-01/anat/sub-01_T1w.nii.gz"
+
+
+def test_atomic_writes_give_files_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from bssfp2dt.io.nifti import write_text
+
+    path = write_text("x", tmp_path / "file.txt")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask

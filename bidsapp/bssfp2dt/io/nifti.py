@@ -12,6 +12,15 @@ import nibabel as nib
 import numpy as np
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 @contextmanager
 def atomic_path(final_path: Path | str) -> Iterator[Path]:
     """Yield a temporary path next to ``final_path``; rename it into place only on success."""
@@ -22,6 +31,7 @@ def atomic_path(final_path: Path | str) -> Iterator[Path]:
                                          dir=final_path.parent)
     os.close(handle)
     temp_path = Path(temp_name)
+    os.chmod(temp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
     try:
         yield temp_path
         os.replace(temp_path, final_path)
