@@ -22,7 +22,7 @@ from dipy.core.gradients import gradient_table
 from dipy.reconst.dti import TensorModel
 from threadpoolctl import threadpool_limits
 
-from bench_dti_maps import brain_phantom, machine_description
+from bench_dti_maps import best_time, brain_phantom, machine_description
 from bssfp2dt.dti.eigen import dipy_to_bep016
 from bssfp2dt.dti.fit import dwi_signal, fit_tensor
 from bssfp2dt.dti.maps import tensor_maps
@@ -52,16 +52,6 @@ def phantom_dwi(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
                    + 1j * rng.normal(scale=NOISE_SIGMA, size=clean.shape))
     dwi[mask] = noisy
     return dwi, bvals, bvecs, mask
-
-
-def best_time(function, repeats: int) -> float:
-    """Shortest wall time (s) of ``repeats`` calls."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

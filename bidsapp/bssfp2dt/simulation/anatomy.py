@@ -5,6 +5,7 @@ Tissue order everywhere: (GM, WM, CSF).
 """
 from __future__ import annotations
 
+import abc
 import functools
 from dataclasses import dataclass
 
@@ -34,18 +35,20 @@ class FibreSample:
     coherence: np.ndarray
 
 
-class Anatomy:
+class Anatomy(abc.ABC):
     """Interface: ``fractions(points)`` -> (N, 3) GM/WM/CSF fractions (sum <= 1, 0 outside the brain);
     ``fibres(points)`` -> :class:`FibreSample`; ``extent`` -> (lo (3,), hi (3,)) brain bounding box in mm."""
 
     name: str
     extent: tuple[np.ndarray, np.ndarray]
 
-    def fractions(self, points: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def fractions(self, points: np.ndarray) -> np.ndarray:
+        """(N, 3) GM/WM/CSF fractions at template points (N, 3) mm."""
 
-    def fibres(self, points: np.ndarray) -> FibreSample:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def fibres(self, points: np.ndarray) -> FibreSample:
+        """Fibre direction, aligned share and coherence at template points (N, 3) mm."""
 
     def near_brain_on_grid(self, template_from_voxel: np.ndarray, shape, pad_mm: float) -> np.ndarray:
         """Boolean volume ``shape``: voxels whose template position (4x4 affine ``template_from_voxel``)
@@ -54,13 +57,13 @@ class Anatomy:
         points = index @ template_from_voxel[:3, :3].T.astype(np.float32) + template_from_voxel[:3, 3].astype(np.float32)
         return self.near_brain(points, pad_mm).reshape(shape)
 
-    def near_brain(self, points: np.ndarray, pad_mm: float) -> np.ndarray:  # pragma: no cover - interface
+    @abc.abstractmethod
+    def near_brain(self, points: np.ndarray, pad_mm: float) -> np.ndarray:
         """Boolean (N,): points that may lie within ``pad_mm`` of brain tissue (cheap, conservative)."""
-        raise NotImplementedError
 
-    def brain_points(self) -> np.ndarray:  # pragma: no cover - interface
+    @abc.abstractmethod
+    def brain_points(self) -> np.ndarray:
         """A sample (P, 3) of points covering the brain, for fitting fields of view."""
-        raise NotImplementedError
 
     def description(self) -> dict:
         return {"name": self.name}
