@@ -216,3 +216,14 @@ def test_prepare_t1w_masks_normalises_and_replicates():
     for c in range(6):
         np.testing.assert_allclose(channels[..., c], np.where(mask, image / 2.0, 0.0), atol=1e-6)
     np.testing.assert_array_equal(t1w_mod.replicate_channels(image)[..., 5], image)
+
+
+def test_t1w_brain_mask_at_1p5mm_uses_3mm_blocks_and_keeps_the_head():
+    from scipy import ndimage
+
+    image, labels = t1w_phantom()
+    finer = ndimage.zoom(image, 4 / 3, order=0)  # the 2 mm phantom sampled at 1.5 mm
+    finer_labels = ndimage.zoom(labels, 4 / 3, order=0)
+    mask = t1w_mod.brain_mask(finer, median_radius=2, numpass=2, voxel_mm=1.5)
+    assert mask.shape == finer.shape
+    assert dice(mask, finer_labels > 0) > 0.9

@@ -46,7 +46,8 @@ def brain_mask(t1w: np.ndarray, median_radius: int = 4, numpass: int = 4, closin
     from dipy.segment.mask import median_otsu
 
     t1w = _check_volume(t1w)
-    factor = max(1, int(round(working_mm / voxel_mm)))
+    # blocks of at least ~0.75 x working_mm (1 mm -> 2 mm, 1.5 mm -> 3 mm, 2 mm -> no blocks)
+    factor = max(1, int(np.ceil(working_mm / voxel_mm - 0.25)))
     blocks = _block_mean(t1w, factor)
     _, small = median_otsu(blocks, median_radius=max(1, int(round(median_radius / factor))), numpass=numpass)
     mask = _expand_blocks(np.asarray(small, dtype=bool), factor, t1w.shape)
