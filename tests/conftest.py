@@ -26,6 +26,15 @@ def tiny_config(**overrides) -> SimulationConfig:
     return SimulationConfig(**settings)
 
 
+@pytest.fixture(autouse=True)
+def _one_blas_thread():
+    """One BLAS thread per test, for the same reason (a 512^2 eigh went from 0.1 s to 8 s with spin-waiting)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """Two subjects, one pc-bSSFP and two DWI sessions each, realistic regime."""

@@ -14,18 +14,6 @@ from bssfp2dt.evaluation.statistics import EvaluationEntities, tissue_statistics
 ENTITIES = EvaluationEntities("01", "1", "2", "pc-bssfp")
 
 
-@pytest.fixture(autouse=True)
-def single_blas_thread():
-    """One BLAS thread: on the shared 2-core test machine OpenBLAS threads spin-wait (512^2 eigh 0.1 s -> 8 s)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: only a speed matter
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-
-
 def tensors_from(evals: np.ndarray, v1: np.ndarray, v2: np.ndarray) -> np.ndarray:
     """BEP016 tensors (..., 6) from eigenvalues (..., 3) and orthonormal first two eigenvectors (..., 3)."""
     v3 = np.cross(v1, v2)

@@ -22,18 +22,6 @@ AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
 FIGURES = set(COMPARISON_FIGURES) | {"errormaps", "boxplots"}
 
 
-@pytest.fixture(autouse=True)
-def single_blas_thread():
-    """One BLAS thread: on the shared 2-core test machine OpenBLAS threads spin-wait."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: only a speed matter
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-
-
 def phantom(n: int = N):
     """A sphere of WM-like tensors (fibres along x on the left, along y on the right) inside CSF/GM shells.
 

@@ -346,16 +346,8 @@ def format_number(metric: str, value) -> str:
 
 def format_value(metric: str, value) -> str:
     """A statistic for display: relative errors in %, angles in deg, PSNR in dB; ``n/a`` when missing."""
-    if value is None or _is_missing(value):
-        return "n/a"
-    unit = METRIC_UNITS.get(metric, "")
-    if unit == "ratio":
-        return f"{100 * value:.1f} %"
-    if unit == "deg":
-        return f"{value:.2f} deg"
-    if unit == "dB":
-        return f"{value:.2f} dB"
-    return f"{value:.4g}"
+    number, unit = format_number(metric, value), display_unit(metric)
+    return number if number == "n/a" or unit == "-" else f"{number} {unit}"
 
 
 def html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

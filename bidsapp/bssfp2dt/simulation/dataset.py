@@ -21,12 +21,13 @@ from tqdm import tqdm
 from bssfp2dt import __version__
 from bssfp2dt.dti.fit import fit_tensor
 from bssfp2dt.dti.maps import tensor_maps
+from bssfp2dt.io.derivatives import sidecar_path
 from bssfp2dt.io.naming import bids_path
 from bssfp2dt.io.nifti import save_nifti, write_json, write_text
 from bssfp2dt.simulation.anatomy import MNI_LICENCE, Anatomy, make_anatomy
 from bssfp2dt.simulation.geometry import ImageGrid, axis_aligned_grid
 from bssfp2dt.simulation.imaging import (ScanTissue, dwi_noiseless, dwi_with_noise, image_bssfp, image_t1w,
-                                         sample_tissue, tensor_in_voxel_axes)
+                                         sample_tissue, scatter_to_grid, tensor_in_voxel_axes)
 from bssfp2dt.simulation.subject import REGIMES, Protocol, ScanPlan, SubjectParameters, sample_subject
 
 LOGGER = logging.getLogger(__name__)
@@ -181,19 +182,19 @@ class SubjectWriter:
         entities = dict(session=scan.session, acquisition="pcbssfp")
         magnitude = self._path(self.root, "anat", "T2w", part="mag", **entities)
         self._save(np.abs(noisy), grid.affine, magnitude, dtype=np.uint16)
-        write_json(sidecar, magnitude.with_name(magnitude.name.replace(".nii.gz", ".json")))
+        write_json(sidecar, sidecar_path(magnitude))
         phase_path = self._path(self.root, "anat", "T2w", part="phase", **entities)
         phase = np.angle(noisy)
         if p.phase_units == "arbitrary":
             self._save(np.floor((phase + np.pi) / (2 * np.pi) * 4096) % 4096, grid.affine, phase_path, dtype=np.uint16)
         else:
             self._save(phase, grid.affine, phase_path, dtype=np.float32)
-        write_json(sidecar | {"Units": p.phase_units}, phase_path.with_name(phase_path.name.replace(".nii.gz", ".json")))
+        write_json(sidecar | {"Units": p.phase_units}, sidecar_path(phase_path))
         b0_path = self._path(self.truth_root, "fmap", "fieldmap", acquisition="pcbssfp", description="truth",
                              session=scan.session)
         self._save(b0_map, grid.affine, b0_path, dtype=np.float32)
         write_json({"Units": "Hz", "Description": "off-resonance used to simulate the pc-bSSFP of this session",
-                    "Sources": [_bids_uri(magnitude, self.root)]}, _sidecar(b0_path))
+                    "Sources": [_bids_uri(magnitude, self.root)]}, sidecar_path(b0_path))
 
     def _write_dwi(self, scan: ScanPlan) -> None:
         p = self.protocol
@@ -210,7 +211,7 @@ class SubjectWriter:
         readout = {"PhaseEncodingDirection": "j-", "TotalReadoutTime": p.dwi_total_readout_time,
                    "EchoTime": p.dwi_te, "RepetitionTime": p.dwi_tr, "MagneticFieldStrength": p.field_strength_t,
                    "Manufacturer": "bssfp2dt-simulate"}
-        write_json(readout, _sidecar(dwi_path))
+        write_json(readout, sidecar_path(dwi_path))
         if scan.reverse_pe_b0:
             epi_path = self._path(self.root, "fmap", "epi", session=scan.session, direction="PA")
             # same anatomy and fresh noise: EPI distortion is not simulated
@@ -218,7 +219,7 @@ class SubjectWriter:
             reverse_b0 = dwi_with_noise(noiseless[:, b0:b0 + 1], self.subject, scan, tissue, grid, p, self.rng)
             self._save(reverse_b0, grid.affine, epi_path, dtype=np.uint16)
             write_json(readout | {"PhaseEncodingDirection": "j", "IntendedFor": [_bids_uri(dwi_path, self.root)]},
-                       _sidecar(epi_path))
+                       sidecar_path(epi_path))
         self._write_dwi_truth(scan, tissue, grid, noiseless)
 
     def _write_dwi_truth(self, scan: ScanPlan, tissue: ScanTissue, grid: ImageGrid, noiseless: np.ndarray) -> None:
@@ -236,7 +237,7 @@ class SubjectWriter:
         path = self._path(self.root, "anat", "T1w", session=scan.session)
         self._save(image_t1w(self.subject, scan, tissue, grid, self.rng), grid.affine, path, dtype=np.uint16)
         write_json({"MagneticFieldStrength": self.protocol.field_strength_t, "RepetitionTime": 5.0,
-                    "PulseSequenceType": "MP2RAGE (UNI image)", "Manufacturer": "bssfp2dt-simulate"}, _sidecar(path))
+                    "PulseSequenceType": "MP2RAGE (UNI image)", "Manufacturer": "bssfp2dt-simulate"}, sidecar_path(path))
 
     # -- truth in T1w space -------------------------------------------------------------------------
     def _write_t1w_space_truth(self) -> None:
@@ -248,12 +249,12 @@ class SubjectWriter:
         source = self._path(self.root, "anat", "T1w", session=t1w_scan.session)
         for c, label in enumerate(("GM", "WM", "CSF")):
             path = self._path(self.truth_root, "anat", "probseg", label=label, **entities)
-            self._save(_scatter_flat(tissue.fractions[:, c], tissue, grid), grid.affine, path, dtype=np.float32)
-            write_json({"Sources": [_bids_uri(source, self.root)]}, _sidecar(path))
+            self._save(scatter_to_grid(tissue.fractions[:, c], tissue, grid), grid.affine, path, dtype=np.float32)
+            write_json({"Sources": [_bids_uri(source, self.root)]}, sidecar_path(path))
         mask_path = self._path(self.truth_root, "anat", "mask", description="brain", **entities)
-        self._save(_scatter_flat(tissue.fractions.sum(axis=1) >= 0.5, tissue, grid), grid.affine, mask_path,
+        self._save(scatter_to_grid(tissue.fractions.sum(axis=1) >= 0.5, tissue, grid), grid.affine, mask_path,
                    dtype=np.uint8)
-        write_json({"Type": "Brain", "Sources": [_bids_uri(source, self.root)]}, _sidecar(mask_path))
+        write_json({"Type": "Brain", "Sources": [_bids_uri(source, self.root)]}, sidecar_path(mask_path))
         self._write_tensor_maps(tissue.tensor, tissue, grid, "truth", source, **entities)
         dwi_scan = next((scan for scan in self.subject.scans if scan.modality == "dwi"), None)
         if dwi_scan is not None:
@@ -271,16 +272,16 @@ class SubjectWriter:
         common = dict(description=description, model="tensor", **entities)
         sources = [_bids_uri(source, self.root)]
         tensor_path = self._path(self.truth_root, "dwi", "dwimap", param="diffusivity", **common)
-        self._save(_scatter_flat(tensor, tissue, grid), grid.affine, tensor_path, dtype=np.float32)
+        self._save(scatter_to_grid(tensor, tissue, grid), grid.affine, tensor_path, dtype=np.float32)
         frame = "xyz" if entities.get("space") == "T1w" else "ijk"
         write_json({"Units": "mm^2/s", "Sources": sources, "SkullStripped": True,
                     "Description": _TENSOR_DESCRIPTIONS[description],
                     "OrientationEncoding": {"Type": "tensor", "TensorRank": 2, "EncodingAxis": 3, "Reference": frame},
-                    "ComponentOrder": ["D11", "D12", "D13", "D22", "D23", "D33"]}, _sidecar(tensor_path))
+                    "ComponentOrder": ["D11", "D12", "D13", "D22", "D23", "D33"]}, sidecar_path(tensor_path))
         for name, values, units in (("fa", fa, "arbitrary"), ("md", md, "mm^2/s")):
             path = self._path(self.truth_root, "dwi", "dwimap", param=name, **common)
-            self._save(_scatter_flat(values, tissue, grid), grid.affine, path, dtype=np.float32)
-            write_json({"Units": units, "Sources": sources, "SkullStripped": True}, _sidecar(path))
+            self._save(scatter_to_grid(values, tissue, grid), grid.affine, path, dtype=np.float32)
+            write_json({"Units": units, "Sources": sources, "SkullStripped": True}, sidecar_path(path))
 
 
 _TENSOR_DESCRIPTIONS = {
@@ -288,17 +289,6 @@ _TENSOR_DESCRIPTIONS = {
     "noiselessfit": "tensor fitted (weighted least squares) to the noiseless partial-volume DWI, "
                     "what a perfect DTI fit would see",
 }
-
-
-def _scatter_flat(values: np.ndarray, tissue: ScanTissue, grid: ImageGrid) -> np.ndarray:
-    values = np.asarray(values)
-    out = np.zeros((grid.n_voxels,) + values.shape[1:], dtype=np.float32)
-    out[tissue.index] = values
-    return out.reshape(tuple(grid.shape) + values.shape[1:])
-
-
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name.replace(".nii.gz", ".json"))
 
 
 def _bids_uri(path: Path, root: Path) -> str:

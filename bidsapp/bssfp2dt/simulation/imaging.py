@@ -92,7 +92,7 @@ def b0_field_hz(subject: SubjectParameters, scan: ScanPlan, tissue: ScanTissue) 
     return field
 
 
-def _scatter(values: np.ndarray, tissue: ScanTissue, grid: ImageGrid, dtype=np.float32) -> np.ndarray:
+def scatter_to_grid(values: np.ndarray, tissue: ScanTissue, grid: ImageGrid, dtype=np.float32) -> np.ndarray:
     """Put per-voxel values (M, ...) back on the grid (X, Y, Z, ...), zero elsewhere."""
     out = np.zeros((grid.n_voxels,) + values.shape[1:], dtype=dtype)
     out[tissue.index] = values
@@ -121,11 +121,11 @@ def image_bssfp(subject: SubjectParameters, scan: ScanPlan, tissue: ScanTissue, 
                             subject.orientation_gain, dtype=np.float32)
     signal += f[:, WM, None] * wm
     signal *= (SCANNER_SCALE_BSSFP * scan.receive(tissue.scanner_points))[:, None]
-    clean = _scatter(signal.astype(np.complex64), tissue, grid, np.complex64)
+    clean = scatter_to_grid(signal.astype(np.complex64), tissue, grid, np.complex64)
     wm_voxels = f[:, WM] > 0.9
     reference = np.abs(signal[wm_voxels]).mean() if wm_voxels.any() else np.abs(signal).mean()
     noisy = clean + complex_noise(clean.shape, reference / scan.snr, rng)
-    return noisy, clean, _scatter(df.astype(np.float32), tissue, grid)
+    return noisy, clean, scatter_to_grid(df.astype(np.float32), tissue, grid)
 
 
 SCANNER_SCALE_BSSFP = 12000.0  # brings the magnitude to the range of DOVE's stored values (max ~2300)
@@ -161,7 +161,7 @@ def dwi_with_noise(noiseless: np.ndarray, subject: SubjectParameters, scan: Scan
     """Put noiseless brain signals (M, N) on the grid and add Rician noise everywhere: (X, Y, Z, N)
     float32, sigma = white-matter b0 signal / SNR."""
     sigma = SCANNER_SCALE_DWI * _dwi_s0(subject.tissues, protocol, "WM") / scan.snr
-    return rician(_scatter(noiseless.astype(np.float32), tissue, grid), sigma, rng)
+    return rician(scatter_to_grid(noiseless.astype(np.float32), tissue, grid), sigma, rng)
 
 
 def image_t1w(subject: SubjectParameters, scan: ScanPlan, tissue: ScanTissue, grid: ImageGrid,
@@ -184,8 +184,8 @@ def image_t1w(subject: SubjectParameters, scan: ScanPlan, tissue: ScanTissue, gr
     inv1, inv2 = inv1 * receive, inv2 * receive
     _, wm_inv2 = mp2rage_inversions(np.array([t.t1["WM"]]))
     sigma = float(wm_inv2[0] * t.proton_density["WM"]) / scan.snr
-    noisy1 = _scatter(inv1.astype(np.float32), tissue, grid) + complex_noise(tuple(grid.shape), sigma, rng)
-    noisy2 = _scatter(inv2.astype(np.float32), tissue, grid) + complex_noise(tuple(grid.shape), sigma, rng)
+    noisy1 = scatter_to_grid(inv1.astype(np.float32), tissue, grid) + complex_noise(tuple(grid.shape), sigma, rng)
+    noisy2 = scatter_to_grid(inv2.astype(np.float32), tissue, grid) + complex_noise(tuple(grid.shape), sigma, rng)
     uni = mp2rage_uni(noisy1, noisy2, beta=50.0 * sigma ** 2)
     return ((uni + 0.5) * T1W_MAX_INTEGER).astype(np.float32)
 
