@@ -5,6 +5,9 @@ Arrays are ``(X, Y, Z)`` in scanner units unless stated otherwise.
 from __future__ import annotations
 
 import logging
+import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 from scipy import ndimage
@@ -19,6 +22,9 @@ TISSUES = ("CSF", "GM", "WM")
 N_INPUT_CHANNELS = 6
 #: Offset (fraction of the in-mask range) separating brain intensities from dipy's background 0.
 HMRF_OFFSET = 0.1
+#: Seed of the noise dipy's HMRF adds to the background, so tissue maps are reproducible bit for bit.
+HMRF_SEED = 0
+_DIPY_NOISE_LOCK = threading.Lock()
 
 
 def brain_mask(t1w: np.ndarray, median_radius: int = 4, numpass: int = 4, closing_mm: float = 0.0,
@@ -113,18 +119,20 @@ def prepare_t1w(t1w: np.ndarray, mask: np.ndarray, params: Normalization, **opti
 
 
 def tissue_probability_maps(t1w: np.ndarray, mask: np.ndarray, beta: float = 0.1,
-                            max_iter: int = 10) -> np.ndarray:
+                            max_iter: int = 10, seed: int = HMRF_SEED) -> np.ndarray:
     """CSF/GM/WM probability maps by dipy's HMRF classifier (3 classes + background).
 
     The classes are ordered by their mean T1w intensity, CSF < GM < WM (T1w contrast), so the
     output order does not rely on dipy's internal label order. dipy jitters the background voxels
-    with unseeded noise of ~1e-3 of the intensity range, so reruns differ by ~1e-6 in probability.
+    with Gaussian noise (1e-4 of the rescaled intensity range); that noise is drawn from
+    ``numpy.random.default_rng(seed)``, so the same inputs give bit-identical maps.
 
     Args:
         t1w: ``(X, Y, Z)``, bias-corrected enough that each tissue has one intensity mode.
         mask: boolean ``(X, Y, Z)`` brain mask (voxels outside become background).
         beta: MRF smoothing weight (dipy's suggestion 0.1).
         max_iter: ICM/EM iterations (10 is plenty on 2 mm data).
+        seed: seed of dipy's background noise.
     Returns:
         ``(X, Y, Z, 3)`` float64 probabilities in [0, 1] in :data:`TISSUES` order, 0 outside the mask.
     """
@@ -142,7 +150,8 @@ def tissue_probability_maps(t1w: np.ndarray, mask: np.ndarray, beta: float = 0.1
     inside = t1w[mask]
     span = float(np.ptp(inside)) or 1.0
     image = np.where(mask, t1w - inside.min() + HMRF_OFFSET * span, 0.0)
-    _, _, pve = TissueClassifierHMRF(verbose=False).classify(image, 3, beta, max_iter=max_iter)
+    with _seeded_dipy_noise(seed):
+        _, _, pve = TissueClassifierHMRF(verbose=False).classify(image, 3, beta, max_iter=max_iter)
     pve = np.asarray(pve, dtype=np.float64)
     if not np.all(np.isfinite(pve[mask])):
         raise Bssfp2dtError("HMRF tissue classification diverged (a class lost all its voxels): "
@@ -156,6 +165,35 @@ def tissue_probability_maps(t1w: np.ndarray, mask: np.ndarray, beta: float = 0.1
     order = np.argsort(means)
     logger.debug("HMRF class means %s -> order %s", means, order)
     return pve[..., order]
+
+
+@contextmanager
+def _seeded_dipy_noise(seed: int) -> Iterator[None]:
+    """Make ``dipy.segment.tissue``'s ``add_noise`` draw from a seeded generator while inside.
+
+    dipy 1.x calls ``add_noise`` without an ``rng``, i.e. from an unseeded ``default_rng()``, and
+    offers no seed argument; a lock keeps concurrent threads from swapping the module global under us.
+    """
+    from dipy.segment import tissue
+
+    original = getattr(tissue, "add_noise", None)
+    if original is None:  # another dipy layout: run unseeded (the rerun tests would catch new randomness)
+        logger.warning("dipy.segment.tissue has no add_noise: HMRF tissue maps may differ between reruns")
+        yield
+        return
+    rng = np.random.default_rng(seed)
+
+    def seeded_add_noise(*args, **kwargs):
+        if kwargs.get("rng") is None:
+            kwargs["rng"] = rng
+        return original(*args, **kwargs)
+
+    with _DIPY_NOISE_LOCK:
+        tissue.add_noise = seeded_add_noise
+        try:
+            yield
+        finally:
+            tissue.add_noise = original
 
 
 def hard_labels(probabilities: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
