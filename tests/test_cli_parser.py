@@ -73,6 +73,10 @@ def test_skip_validation_spellings(flag):
     ("--batch-size", "3", "batch_size", 3),
     ("--batch_size", "3", "batch_size", 3),
     ("--seed", "42", "seed", 42),
+    ("--learning-rate", "3e-4", "learning_rate", 3e-4),
+    ("--learning_rate", "0.001", "learning_rate", 1e-3),
+    ("--early-stopping-patience", "12", "patience", 12),
+    ("--early_stopping_patience", "1", "patience", 1),
 ])
 def test_valued_options(option, value, attribute, expected):
     assert getattr(parse(option, value), attribute) == expected
@@ -127,6 +131,10 @@ def test_devices(text):
     ["/d/bids", "/d/out", "participant", "--model-size", "huge"],
     ["/d/bids", "/d/out", "participant", "--patch-size", "0"],
     ["/d/bids", "/d/out", "participant", "--seed", "-3"],
+    ["/d/bids", "/d/out", "participant", "--learning-rate", "0"],
+    ["/d/bids", "/d/out", "participant", "--learning-rate", "nan"],
+    ["/d/bids", "/d/out", "participant", "--learning-rate", "fast"],
+    ["/d/bids", "/d/out", "participant", "--early-stopping-patience", "0"],
     ["/d/bids", "/d/out", "participant", "--derivatives", "name="],
     ["/d/bids", "/d/out", "participant", "--participant-label"],
 ])
@@ -210,3 +218,21 @@ def test_perceptual_weights_must_exist_and_reach_the_training_settings(tmp_path)
         config_from_args(parse_args(base + ["--perceptual_weights", str(tmp_path / "missing.pth")]), "run",
                          DEFAULT_QUERIES)
     assert "--perceptual-weights" in str(raised.value)
+
+
+def test_learning_rate_and_patience_reach_the_training_settings_and_round_trip(tmp_path):
+    from bssfp2dt.cli.parser import parse_args
+    from bssfp2dt.config import config_from_args, load_toml, save_toml
+    from bssfp2dt.io.bids import DEFAULT_QUERIES
+
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    (bids / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.10.0"}')
+    base = [str(bids), str(tmp_path / "out"), "participant", "--train-stage", "direct"]
+    default = config_from_args(parse_args(base), "run", DEFAULT_QUERIES)
+    assert (default.training.learning_rate, default.training.patience) == (None, 5)
+    tuned = config_from_args(parse_args(base + ["--learning-rate", "2e-3", "--early-stopping-patience", "9"]),
+                             "run", DEFAULT_QUERIES)
+    assert (tuned.training.learning_rate, tuned.training.patience) == (2e-3, 9)
+    assert load_toml(save_toml(tuned, tmp_path / "c.toml")) == tuned
+    assert load_toml(save_toml(default, tmp_path / "d.toml")) == default

@@ -163,3 +163,13 @@ def test_config_with_objects_that_weights_only_cannot_read_is_refused(tmp_path):
         save_release_checkpoint(tmp_path / "m.pt", _trained_like_generator(), config={"when": object()},
                                 stage="direct", modality="t1w", normalization={})
     assert not any(tmp_path.iterdir())
+
+
+def test_output_offset_is_what_a_network_with_silent_features_predicts():
+    generator = build_generator("tiny", ["t1w"]).eval()
+    offset = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    generator.set_output_offset(offset)
+    torch.nn.init.zeros_(generator.backbone.final_conv.weight)
+    with torch.no_grad():
+        prediction = generator(torch.rand(1, 6, 16, 16, 16), "t1w")
+    assert torch.allclose(prediction, torch.tensor(offset).reshape(1, 6, 1, 1, 1).expand_as(prediction))

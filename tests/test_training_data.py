@@ -265,3 +265,40 @@ def test_sessions_on_different_grids_are_not_paired(tmp_path, subjects, caplog):
     pairs = data.pair_sessions(changed, "pc-bssfp")
     assert [(p.input_session, p.target_session) for p in pairs] == [("1", "1")]
     assert "different grids" in caplog.text
+
+
+def test_cached_subjects_give_the_same_patches_and_stay_unaugmented(subjects):
+    cached, lazy = _module(subjects, samples_per_volume=2), _module(subjects, samples_per_volume=2, cache_mb=0)
+    for epoch in (0, 1):
+        for a, b in zip(cached.train_queue(epoch), lazy.train_queue(epoch)):
+            assert all(torch.equal(a[key][tio.DATA], b[key][tio.DATA]) for key in ("input", "target", "mask"))
+    assert len(cached._cache) == len(cached.train_pairs) and not lazy._cache
+    for pair, subject in cached._cache.items():  # augmentation worked on copies
+        fresh = data.pair_subject(pair, "pc-bssfp", cached.normalization, 16)
+        fresh.load()
+        assert torch.equal(subject["input"].data, fresh["input"].data)
+        assert data.volume_bytes(subject) == data.estimated_bytes(fresh)
+
+
+def test_cache_keeps_only_what_fits_its_budget(subjects):
+    probe = _module(subjects)
+    sizes = [data.estimated_bytes(subject) for subject in probe.subjects(probe.train_pairs[:1])]
+    module = _module(subjects, cache_mb=2.5 * sizes[0] / 2 ** 20)
+    module.subjects(module.train_pairs)
+    assert len(module._cache) == 2
+
+
+def test_mean_normalised_target_is_the_in_mask_mean_of_each_component(subjects):
+    from bssfp2dt.preprocessing.normalization import normalize_tensor
+
+    normalization = data.fit_training_normalization(subjects[:2])
+    pairs = data.pair_subjects(subjects[:2], "pc-bssfp")
+    sessions = [s for subject in subjects[:2] for s in subject.sessions if s.tensor is not None]
+    values = []
+    for session in sessions:
+        mask = np.asarray(nib.load(session.brain_mask).dataobj) > 0
+        tensor = np.asarray(nib.load(session.tensor).dataobj, dtype=np.float32)
+        values.append(normalize_tensor(tensor, normalization, mask)[mask])
+    expected = np.concatenate(values).mean(axis=0)
+    assert np.allclose(data.mean_normalised_target(pairs, normalization), expected, atol=1e-6)
+    assert len({pair.target_path for pair in pairs}) == len(sessions) < len(pairs)  # each DWI session once

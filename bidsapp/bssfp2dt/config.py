@@ -102,13 +102,16 @@ class PreprocessingOptions:
 
 @dataclass(frozen=True)
 class TrainingSettings:
-    """Training stage (None = inference), starting weights, epoch bound and seed."""
+    """Training stage (None = inference), starting weights, epoch bound, seed, learning rate (None: the
+    stage's) and early-stopping patience (epochs)."""
 
     stage: str | None = None
     init_checkpoint: Path | None = None
     max_epochs: int = 100
     seed: int = 0
     perceptual_weights: Path | None = None
+    learning_rate: float | None = None
+    patience: int = 5
 
 
 @dataclass(frozen=True)
@@ -241,6 +244,7 @@ def config_from_args(args: argparse.Namespace, run_uuid: str,
         training=TrainingSettings(stage=args.train_stage,
                                   init_checkpoint=_existing_file(args.init_checkpoint, "--init-checkpoint"),
                                   max_epochs=args.max_epochs, seed=args.seed,
+                                  learning_rate=args.learning_rate, patience=args.patience,
                                   perceptual_weights=_existing_file(args.perceptual_weights, "--perceptual-weights")),
         run=RunSettings(run_uuid=run_uuid, skip_bids_validation=args.skip_bids_validation,
                         stop_on_first_crash=args.stop_on_first_crash, dry_run=args.dry_run,

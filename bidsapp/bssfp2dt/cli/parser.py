@@ -6,6 +6,7 @@ Usage errors exit 64 (the BIDS execution spec reserves argparse's default 2).
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from pathlib import Path
@@ -73,6 +74,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (learning rates)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number above 0")
     return value
 
 
@@ -183,6 +195,12 @@ def build_parser() -> BidsAppArgumentParser:
                                                "(x1000); without it that term is off (nothing is downloaded)")
     training.add_argument("--max-epochs", "--max_epochs", dest="max_epochs", type=positive_int, default=100,
                           help="upper bound on epochs (early stopping may end sooner) (default: %(default)s)")
+    training.add_argument("--learning-rate", "--learning_rate", dest="learning_rate", type=positive_float,
+                          metavar="LR", help="AdamW learning rate of generator and discriminator (default: the "
+                                             "stage's: 1e-4, finetune 1e-5)")
+    training.add_argument("--early-stopping-patience", "--early_stopping_patience", dest="patience",
+                          type=positive_int, default=5, metavar="EPOCHS",
+                          help="stop after this many epochs without a lower validation loss (default: %(default)s)")
     training.add_argument("--seed", type=non_negative_int, default=0,
                           help="seed of the train/validation/test split, sampling and initialisation (default: %(default)s)")
 

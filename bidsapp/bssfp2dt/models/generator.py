@@ -127,6 +127,14 @@ class Generator(nn.Module):
             raise ValueError(f"patch sides must be multiples of {PATCH_MULTIPLE}, got {tuple(x.shape[2:])}")
         return self.backbone(self.heads[modality](x))
 
+    def set_output_offset(self, values) -> None:
+        """Set the bias of the last convolution to ``values`` (6,), the normalised tensor a fresh network
+        should predict: the mean target of the training data. The early steps then learn structure instead
+        of spending hundreds of steps moving the output from 0 to the data's level."""
+        bias = self.backbone.final_conv.bias
+        with torch.no_grad():
+            bias.copy_(torch.as_tensor(values, dtype=bias.dtype, device=bias.device).reshape(bias.shape))
+
     def freeze_batch_norm(self, module_names: Iterable[str]) -> None:
         """Keep the named batch-norm modules in eval mode from now on (empty iterable: release them)."""
         self._frozen_norm_names = tuple(module_names)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from bssfp2dt.errors import MissingInputError, UsageError
@@ -60,11 +61,16 @@ def run_training(plan) -> int:
     config_path = save_toml(config, run_dir / "config.toml")
     datamodule = data.TrainingData(pairs["train"], pairs["validation"], input_modality, normalization,
                                    patch_size=patch_size, batch_size=config.model.batch_size,
-                                   num_workers=queue_workers(config.resources.nprocs), seed=settings.seed, split=split)
-    module = Bssfp2dtGAN(start.generator, stage, modality, seed=settings.seed,
+                                   num_workers=queue_workers(config.resources.nprocs), seed=settings.seed, split=split,
+                                   cache_mb=cache_budget_mb(config.resources.mem_mb))
+    if stage.init_from is None and not start.resume:
+        offset = data.mean_normalised_target(pairs["train"], normalization)
+        start.generator.set_output_offset(offset)
+        logger.info("output bias set to the mean normalised training tensor %s", np.array2string(offset, precision=3))
+    module = Bssfp2dtGAN(start.generator, stage, modality, seed=settings.seed, learning_rate=settings.learning_rate,
                          perceptual_weights=settings.perceptual_weights)
     trainer = build_trainer(run_dir, max_epochs=settings.max_epochs, device=config.resources.device,
-                            progress_bar=True)
+                            patience=settings.patience, progress_bar=True)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(start.path) if start.resume else None)
 
     best = best_checkpoint(trainer)
@@ -106,6 +112,13 @@ def prepare_data(plan, input_modality: str, start: "StartingPoint"):
                 len(split.validation), len(split.test), *(len(pairs[p]) for p in ("train", "validation", "test")),
                 input_modality)
     return split, normalization, pairs
+
+
+def cache_budget_mb(mem_mb: float | None) -> float:
+    """Memory (MB) for loaded training subjects: half of ``--mem``, or ``DEFAULT_CACHE_MB`` without it."""
+    from bssfp2dt.training.data import DEFAULT_CACHE_MB
+
+    return DEFAULT_CACHE_MB if not mem_mb else mem_mb / 2
 
 
 def queue_workers(nprocs: int) -> int:

@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 QUEUE_MAX_LENGTH = 16
 SAMPLES_PER_VOLUME = 8
 VALIDATION_SAMPLES_PER_VOLUME = 4
+DEFAULT_CACHE_MB = 4096.0  # loaded training subjects kept in memory (half of --mem when given)
 DEFAULT_FRACTIONS = (0.70, 0.15, 0.15)  # train, validation, test (by subject)
 _EPOCH_STRIDE = 1_000_003  # a prime: (seed, epoch) pairs give distinct stream seeds
 _VALIDATION_STREAM = -1  # the "epoch" of the fixed validation patches
@@ -233,6 +234,21 @@ def fit_training_normalization(subjects: Iterable, base: norm.Normalization | No
     return norm.Normalization(percentiles=base.percentiles, **groups)
 
 
+def mean_normalised_target(pairs: Sequence[TrainingPair], normalization: norm.Normalization) -> np.ndarray:
+    """Mean of each normalised tensor component (6,) over the in-mask voxels of the pairs' target sessions
+    (each DWI session counted once): the value a network should output before it has learned anything."""
+    total, count = np.zeros(TENSOR_CHANNELS), 0
+    for target in sorted({pair.target_path for pair in pairs}):
+        mask_path = next(pair.mask_paths[-1] for pair in pairs if pair.target_path == target)
+        mask = _load(mask_path) > 0
+        tensor = norm.normalize_tensor(_load(target), normalization, mask)
+        total += tensor[mask].sum(axis=0, dtype=np.float64)
+        count += int(mask.sum())
+    if count == 0:
+        raise UsageError("the training pairs have no brain voxels: check the brain masks of the training subjects")
+    return total / count
+
+
 # --------------------------------------------------------------------------- volumes
 def mask_bounding_box(mask: np.ndarray, margin: int = 2) -> tuple[tuple[int, int], ...]:
     """((start, stop) per axis) of the non-zero voxels of ``mask`` (X, Y, Z), grown by ``margin`` voxels
@@ -317,6 +333,22 @@ def pair_subject(pair: TrainingPair, modality: str, normalization: norm.Normaliz
     )
 
 
+def estimated_bytes(subject: tio.Subject) -> int:
+    """Memory (bytes) of ``subject``'s float32 channels once loaded, from the readers' crop boxes."""
+    total = 0
+    for image in subject.get_images(intensity_only=False):
+        reader = image.reader
+        side = [max(b - a, want) for (a, b), want in zip(reader.box, reader.min_shape)]
+        channels = {"mask": 1, "target": TENSOR_CHANNELS}.get(reader.role, MODALITY_CHANNELS[reader.modality])
+        total += 4 * channels * int(np.prod(side))
+    return total
+
+
+def volume_bytes(subject: tio.Subject) -> int:
+    """Memory (bytes) of a loaded subject's tensors."""
+    return sum(image.data.element_size() * image.data.numel() for image in subject.get_images(intensity_only=False))
+
+
 def augmentation() -> tio.Compose:
     """Input-only augmentation of the reference method: bias field (p 0.25), Gaussian noise std 0-0.01 (p 0.25)."""
     return tio.Compose([tio.RandomBiasField(p=0.25, include=["input"]),
@@ -388,7 +420,8 @@ class TrainingData(L.LightningDataModule):
                  normalization: norm.Normalization, *, patch_size: int = 64, batch_size: int = 1,
                  num_workers: int = 0, seed: int = 0, split: Split | None = None,
                  samples_per_volume: int = SAMPLES_PER_VOLUME, max_length: int = QUEUE_MAX_LENGTH,
-                 validation_samples_per_volume: int = VALIDATION_SAMPLES_PER_VOLUME):
+                 validation_samples_per_volume: int = VALIDATION_SAMPLES_PER_VOLUME,
+                 cache_mb: float = DEFAULT_CACHE_MB):
         super().__init__()
         if not train_pairs:
             raise UsageError("no training pair: the training subjects have no input session with a DWI session")
@@ -404,9 +437,24 @@ class TrainingData(L.LightningDataModule):
         self.samples_per_volume = samples_per_volume
         self.max_length = max(max_length, samples_per_volume)
         self.validation_samples_per_volume = validation_samples_per_volume
+        self.cache_bytes = int(cache_mb * 2 ** 20)
+        self._cache: dict[TrainingPair, tio.Subject] = {}
 
     def subjects(self, pairs: Sequence[TrainingPair]) -> list[tio.Subject]:
-        return [pair_subject(pair, self.modality, self.normalization, self.patch_size) for pair in pairs]
+        """The TorchIO subjects of ``pairs``: loaded ones from the cache, the others lazy."""
+        return [self._cache.get(pair) or self._load_into_cache(pair) for pair in pairs]
+
+    def _load_into_cache(self, pair: TrainingPair) -> tio.Subject:
+        """Load and normalise ``pair`` once and keep it while the cache has room (``cache_mb``): reading and
+        normalising a 24-channel session takes seconds, as long as training on all of its patches on a CPU.
+        Subjects that do not fit stay lazy (read again by the queue's workers each epoch)."""
+        subject = pair_subject(pair, self.modality, self.normalization, self.patch_size)
+        used = sum(volume_bytes(cached) for cached in self._cache.values())
+        if used + estimated_bytes(subject) > self.cache_bytes:
+            return subject
+        subject.load()
+        self._cache[pair] = subject
+        return subject
 
     def train_queue(self, epoch: int) -> SeededQueue:
         """The training queue of ``epoch``: shuffled subjects, uniform patches, augmentation."""
