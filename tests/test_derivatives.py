@@ -216,3 +216,35 @@ def test_atomic_writes_give_files_the_usual_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from bssfp2dt.io.nifti import atomic_path
+open_writes = [atomic_path(os.path.join(sys.argv[1], name)) for name in sys.argv[2:]]  # kept referenced
+for context in open_writes:
+    context.__enter__().write_bytes(b"half")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_stale_temporaries_of_a_killed_writer_are_removed_but_not_a_live_writers(tmp_path):
+    import signal
+    import subprocess
+
+    from bssfp2dt.io.nifti import TEMPORARY_NAME, atomic_path, remove_stale_temporaries
+
+    names = ["sub-01_ses-1_desc-x_dwimap.nii.gz", "sub-01.html", ".bidsignore", "sub-02_T1w.json"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(tmp_path), *names])
+    assert killed.returncode == -signal.SIGKILL
+    left = sorted(path for path in tmp_path.iterdir())
+    assert len(left) == len(names) and all(TEMPORARY_NAME.match(path.name) for path in left)
+    with atomic_path(tmp_path / "sub-01_live.nii.gz") as live:
+        live.write_bytes(b"being written")
+        assert remove_stale_temporaries(tmp_path) == []  # younger than STALE_AFTER_S
+        removed = remove_stale_temporaries(tmp_path, lambda stem: stem.startswith("sub-01") or stem == "",
+                                           min_age_s=0)
+        assert live.exists()  # its writer holds the lock
+    assert sorted(removed) == sorted(path for path in left if not path.name.startswith(".sub-02"))
+    assert sorted(path.name[:8] for path in tmp_path.iterdir()) == [".sub-02_", "sub-01_l"]  # another subject's kept
+    assert (tmp_path / "sub-01_live.nii.gz").read_bytes() == b"being written"

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tiny_config  # noqa: E402
+from conftest import tiny_config, tiny_pcbssfp_model  # noqa: E402
 
 from bssfp2dt.cli.run import main  # noqa: E402
 from bssfp2dt.config import (Config, ModelSettings, PathSettings, ResourceSettings, RunPlan,  # noqa: E402
@@ -67,13 +67,7 @@ def run(tmp_path_factory):
     """Two CLI runs (fresh output folders, one work dir) of a tiny subject; their paths and exit codes."""
     root = tmp_path_factory.mktemp("participant")
     bids_dir = simulate_dataset(root / "bids", tiny_config(), progress=False)
-    magnitude = next(bids_dir.rglob("*_part-mag_T2w.nii.gz"))
-    high = MAG_HIGH * float(np.asarray(nib.load(magnitude).dataobj).max())
-    normalization = Normalization(magnitude=Range(0.0, high), phase=Range(-np.pi, np.pi),
-                                  tensor_diagonal=Range(0.0, 3e-3), tensor_offdiagonal=Range(-1e-3, 1e-3))
-    torch.manual_seed(0)
-    model = save_release_checkpoint(root / "tiny.pt", build_generator("tiny", ["pc-bssfp"]), config={"size": "tiny"},
-                                    stage="direct", modality="pc-bssfp", normalization=normalization.to_dict())
+    model, normalization = tiny_pcbssfp_model(bids_dir, root / "tiny.pt", MAG_HIGH)
     work = root / "work"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(workflow, "settings_from_config", fast_settings(workflow.settings_from_config))

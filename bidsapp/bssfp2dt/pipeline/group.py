@@ -29,9 +29,9 @@ from bssfp2dt.evaluation.reference_results import SOURCE, reference_text
 from bssfp2dt.evaluation.report import (REPORT_METRICS, display_unit, display_units, display_values, format_number,
                                         html_figure, html_page, html_table)
 from bssfp2dt.evaluation.statistics import BRAIN, COLUMNS, TISSUES, frame_to_tsv, read_table
-from bssfp2dt.io.derivatives import (find_error_tables, group_errors_path, group_figure_path, group_report_path,
-                                     group_summary_path)
-from bssfp2dt.io.nifti import write_text
+from bssfp2dt.io.derivatives import (find_error_tables, group_dir, group_errors_path, group_figure_path,
+                                     group_report_path, group_summary_path)
+from bssfp2dt.io.nifti import remove_stale_temporaries, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,9 @@ def run_group(plan) -> int:
     subjects = sorted(plan.participant_results)
     if not subjects:
         raise MissingInputError(f"output_dir {output_dir} has no participant results; run the participant level first")
+    stale = remove_stale_temporaries(group_dir(output_dir))  # a killed earlier group run's unfinished files
+    if stale:
+        logger.info("removed %d unfinished file(s) of an interrupted group run", len(stale))
     frame, included, excluded = collect_tables(output_dir, subjects)
     figure_paths: dict[str, Path] = {}
     summary = None

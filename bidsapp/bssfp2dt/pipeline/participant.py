@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_OVERLAP = 0.5  # fraction of the patch edge shared by neighbouring patches
 LOG_NAME = "participant.log"
+#: Stems (name before the first dot) of the dataset-level files: dataset_description.json, README.md, .bidsignore.
+DATASET_FILE_STEMS = ("dataset_description", "README", "")
 MODEL_URL = "https://github.com/bssfp2dt/bssfp2dt"
 
 
@@ -151,6 +153,7 @@ def process_subject(plan, subject_inputs, model: LoadedModel, device) -> list[Pa
 
     config = plan.config
     label = subject_inputs.subject
+    remove_interrupted_writes(config.paths.output_dir, label)
     started = time.perf_counter()
     preprocessed = run_preprocessing(plan, subject_inputs)
     logger.info("sub-%s: preprocessing done in %.1f s", label, time.perf_counter() - started)
@@ -169,6 +172,30 @@ def process_subject(plan, subject_inputs, model: LoadedModel, device) -> list[Pa
                                 "inputs with --dry-run")
     evaluate_subject(config, preprocessed, raw_sessions, predictions, model)
     return written
+
+
+def remove_interrupted_writes(output_dir: Path, label: str) -> list[Path]:
+    """Delete the temporary files a killed earlier run left for this subject (or the dataset files).
+
+    Looks in ``sub-<label>/`` (recursively), ``figures/`` and ``output_dir`` itself; only names of this
+    subject (``sub-<label>_*``, ``sub-<label>.html``) and of the dataset-level files are touched, and
+    never a file a live process is writing (see :func:`bssfp2dt.io.nifti.remove_stale_temporaries`).
+    """
+    from bssfp2dt.io.nifti import remove_stale_temporaries
+
+    output_dir = Path(output_dir)
+    prefix = f"sub-{label}"
+
+    def owned(stem: str) -> bool:
+        return stem == prefix or stem.startswith(prefix + "_") or stem in DATASET_FILE_STEMS
+
+    removed = (remove_stale_temporaries(output_dir / prefix, owned)
+               + remove_stale_temporaries(output_dir / "figures", owned, recursive=False)
+               + remove_stale_temporaries(output_dir, owned, recursive=False))
+    if removed:
+        logger.info("sub-%s: removed %d unfinished file(s) of an interrupted run: %s", label, len(removed),
+                    ", ".join(path.name for path in removed))
+    return removed
 
 
 def _has_input(session, modality: str) -> bool:
