@@ -43,3 +43,131 @@ def test_device_helper():
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="no CUDA GPU"):
             resolve_device("cuda:0")
+
+
+# ---------------------------------------------------------------- memory-sized batch
+MIB = 2 ** 20
+
+
+def test_activation_count_of_a_known_network_scales_with_the_patch_volume():
+    """Conv (2 -> 4 channels) then a ReLU that is not in place: distinct tensors are the input (2 channels),
+    the convolution's output (4) and the ReLU's output (4): 10 float32 values per voxel."""
+    from bssfp2dt.inference.predict import patch_activation_bytes
+
+    network = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.ReLU())
+    assert patch_activation_bytes(network, 2, patch_size=4, probe_size=4) == 10 * 4 ** 3 * 4
+    assert patch_activation_bytes(network, 2, patch_size=16, probe_size=4) == 10 * 16 ** 3 * 4
+    in_place = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.ReLU(inplace=True))
+    assert patch_activation_bytes(in_place, 2, patch_size=8, probe_size=4) == 6 * 8 ** 3 * 4
+
+
+def test_activation_count_of_the_generator_scales_linearly_from_the_probe():
+    """The tiny generator at 32^3 from a 16^3 probe: the count equals a direct 32^3 count and exceeds
+    three full-resolution 24-channel tensors (input, head output and more)."""
+    from bssfp2dt.inference.predict import patch_activation_bytes
+    from bssfp2dt.models.generator import build_generator
+
+    generator = build_generator("tiny", ["pc-bssfp"]).eval()
+
+    def predictor(patches):
+        return generator(patches, "pc-bssfp")
+
+    scaled = patch_activation_bytes(predictor, 24, patch_size=32, probe_size=16)
+    assert scaled == patch_activation_bytes(predictor, 24, patch_size=32, probe_size=32)
+    assert scaled > 3 * 24 * 32 ** 3 * 4  # input, head output and more at 24 channels
+
+
+@pytest.mark.parametrize("requested, patch, budget, expected", [
+    (8, 100, 350, 3), (8, 100, 10_000, 8), (8, 100, 50, 1), (4, 100, None, 4), (1, 100, 10_000, 1)])
+def test_sliding_window_batch_is_the_largest_that_fits(requested, patch, budget, expected):
+    from bssfp2dt.inference.predict import sliding_window_batch
+
+    assert sliding_window_batch(requested, patch, budget) == expected
+
+
+def test_cpu_budget_is_mem_minus_resident_memory_minus_the_volume_buffers(monkeypatch):
+    from bssfp2dt.inference import predict
+
+    monkeypatch.setattr(predict, "resident_bytes", lambda: 300 * MIB)
+    buffers = predict.sliding_window_buffer_bytes((24, 40, 50, 10), out_channels=6, patch_size=16)
+    assert buffers == 4 * 40 * 50 * 16 * 13  # z padded to one patch; 6 + 1 accumulators, 6 returned
+    assert predict.memory_budget_bytes(1000, torch.device("cpu"), buffers) == 700 * MIB - buffers
+    assert predict.memory_budget_bytes(None, torch.device("cpu"), buffers) is None
+    assert predict.memory_budget_bytes(200, torch.device("cpu"), buffers) == 0
+
+
+def test_mem_bounds_the_batch_and_the_choice_is_logged(monkeypatch, caplog):
+    from bssfp2dt.inference import predict
+
+    network = torch.nn.Sequential(torch.nn.Conv3d(3, 4, 3, padding=1), torch.nn.ReLU())
+    shape = (3, 20, 20, 20)
+    per_patch = predict.patch_activation_bytes(network, 3, patch_size=16, probe_size=8)
+    buffers = predict.sliding_window_buffer_bytes(shape, 4, 16)
+    monkeypatch.setattr(predict, "resident_bytes", lambda: 100 * MIB - buffers - int(2.5 * per_patch))
+    with caplog.at_level("INFO", logger="bssfp2dt.inference.predict"):
+        batch = predict.choose_batch_size(network, shape, 4, requested=8, patch_size=16, probe_size=8, mem_mb=100,
+                                          device=torch.device("cpu"))
+    assert batch == 2
+    assert "sliding-window batch 2 of --batch-size 8" in caplog.text
+    assert predict.choose_batch_size(network, shape, 4, requested=8, patch_size=16, probe_size=8, mem_mb=None,
+                                     device=torch.device("cpu")) == 8
+
+
+# ---------------------------------------------------------------- CUDA out of memory
+def _oom_fallback_case(fail_times: int, batch_size: int = 4):
+    """``run`` predicts on the CPU with a 1x1x1 convolution; as 'cuda' it raises OutOfMemoryError the first
+    ``fail_times`` calls. Returns (result, calls, volume, network)."""
+    from bssfp2dt.inference.predict import predict_with_oom_fallback
+
+    torch.manual_seed(0)
+    network = torch.nn.Conv3d(3, 2, 1)
+    volume = np.random.default_rng(1).standard_normal((3, 20, 18, 17)).astype(np.float32)
+    calls = []
+
+    def run(batch, device):
+        calls.append((batch, device.type))
+
+        def predictor(patches):
+            if device.type == "cuda" and len(calls) <= fail_times:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return network(patches)
+
+        return predict_volume(predictor, volume, patch_size=16, overlap=0.5, batch_size=batch)
+
+    result = predict_with_oom_fallback(run, batch_size, torch.device("cuda"), cpu_batch_size=lambda: 3)
+    return result, calls, volume, network
+
+
+def test_gpu_oom_twice_halves_the_batch_then_falls_back_to_the_cpu(caplog):
+    with caplog.at_level("INFO", logger="bssfp2dt.inference.predict"):
+        result, calls, volume, network = _oom_fallback_case(fail_times=2)
+    assert calls == [(4, "cuda"), (2, "cuda"), (3, "cpu")]
+    with torch.no_grad():
+        plain = predict_volume(network, volume, patch_size=16, overlap=0.5, batch_size=3)
+    np.testing.assert_array_equal(result, plain)
+    warnings = [record for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warnings) == 1 and "on the CPU" in warnings[0].getMessage()
+    assert "\n" not in warnings[0].getMessage() and warnings[0].exc_info is None
+
+
+def test_gpu_oom_once_succeeds_at_half_the_batch_without_the_cpu(caplog):
+    with caplog.at_level("INFO", logger="bssfp2dt.inference.predict"):
+        _, calls, _, _ = _oom_fallback_case(fail_times=1, batch_size=5)
+    assert calls == [(5, "cuda"), (2, "cuda")]
+    assert not [record for record in caplog.records if record.levelname == "WARNING"]
+
+
+def test_oom_on_the_cpu_and_other_errors_are_not_caught():
+    from bssfp2dt.inference.predict import predict_with_oom_fallback
+
+    def out_of_memory(batch, device):
+        raise torch.cuda.OutOfMemoryError("out of memory")
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        predict_with_oom_fallback(out_of_memory, 2, torch.device("cpu"))
+
+    def broken(batch, device):
+        raise ValueError("not a memory problem")
+
+    with pytest.raises(ValueError):
+        predict_with_oom_fallback(broken, 2, torch.device("cuda"))

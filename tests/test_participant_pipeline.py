@@ -256,13 +256,13 @@ def test_a_model_without_the_modality_head_is_exit_66(run, tmp_path):
 
 
 def _plan(run, output_dir: Path, subjects, stop_on_first_crash: bool, modality: str = "pc-bssfp",
-          model: Path | None = None) -> RunPlan:
+          model: Path | None = None, batch_size: int = 1, mem_mb: int | None = None) -> RunPlan:
     config = Config(paths=PathSettings(bids_dir=run["bids"], output_dir=output_dir, work_dir=run["work"]),
                     selection=SelectionSettings(analysis_level="participant", input_modality=modality,
                                                 bids_queries=json.dumps(bids_io.DEFAULT_QUERIES)),
-                    resources=ResourceSettings(nprocs=1, omp_nthreads=1, device="cpu"),
+                    resources=ResourceSettings(nprocs=1, omp_nthreads=1, device="cpu", mem_mb=mem_mb),
                     run=RunSettings(run_uuid="run7", stop_on_first_crash=stop_on_first_crash),
-                    model=ModelSettings(model=model or run["model"], patch_size=PATCH))
+                    model=ModelSettings(model=model or run["model"], patch_size=PATCH, batch_size=batch_size))
     inputs = bids_io.discover(config)
     return RunPlan(config=config, subjects=tuple(subjects(inputs)))
 
@@ -277,6 +277,19 @@ def test_a_failing_subject_leaves_a_crash_file_and_exit_1(run, tmp_path, monkeyp
     assert len(crashes) == 1 and "no session with a T1w" in crashes[0].read_text()
     tensor = derivatives.tensor_map_paths("01", "1", "pc-bssfp", tmp_path / "out").diffusivity
     assert tensor.is_file() is not stop  # --stop-on-first-crash skips the subjects after the failure
+
+
+@pytest.mark.parametrize("mem_mb, chosen", [(1_000_000, 4), (1, 1)])
+def test_mem_bounds_the_sliding_window_batch(run, tmp_path, monkeypatch, caplog, mem_mb, chosen):
+    """--batch-size 4 with ample or too little --mem: the batch is logged, the tensor unchanged (one patch)."""
+    monkeypatch.setattr(workflow, "settings_from_config", fast_settings(workflow.settings_from_config))
+    plan = _plan(run, tmp_path / "out", lambda inputs: inputs, False, batch_size=4, mem_mb=mem_mb)
+    with caplog.at_level("INFO", logger="bssfp2dt"):
+        assert run_participant(plan) == 0
+    assert f"sliding-window batch {chosen} of --batch-size 4" in caplog.text
+    assert ("even one 32^3 patch may not fit" in caplog.text) is (chosen == 1)
+    tensor = derivatives.tensor_map_paths("01", "1", "pc-bssfp", tmp_path / "out").diffusivity
+    assert tensor.read_bytes() == derivatives.tensor_map_paths("01", "1", "pc-bssfp", run["out"]).diffusivity.read_bytes()
 
 
 def test_network_inputs_of_each_modality(tmp_path):

@@ -42,6 +42,18 @@ def is_cuda(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory of a CUDA ``device`` in bytes (driver's view, other processes' use included)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Return the CUDA caching allocator's unused blocks to the driver (after an out-of-memory error)."""
+    if is_cuda(device):
+        torch.cuda.empty_cache()
+
+
 def configure_cpu_threads(omp_nthreads: int | None) -> None:
     """Limit torch's intra-op threads on the CPU (``--omp-nthreads``); None keeps torch's default."""
     if omp_nthreads:

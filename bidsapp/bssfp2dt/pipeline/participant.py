@@ -32,6 +32,7 @@ from bssfp2dt.errors import Bssfp2dtError, MissingInputError, UsageError
 logger = logging.getLogger(__name__)
 
 DEFAULT_OVERLAP = 0.5  # fraction of the patch edge shared by neighbouring patches
+PROBE_EDGE = 16  # voxels: edge of the patch whose forward pass sizes the sliding-window batch
 LOG_NAME = "participant.log"
 #: Stems (name before the first dot) of the dataset-level files: dataset_description.json, README.md, .bidsignore.
 DATASET_FILE_STEMS = ("dataset_description", "README", "")
@@ -235,11 +236,13 @@ def network_input(session, modality: str, normalization, mask: np.ndarray) -> np
 def predict_tensor(config, session, model: LoadedModel, device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Predict one session's tensor: returns ``(tensor (X, Y, Z, 6) mm^2/s float64, mask (X, Y, Z) bool, affine)``.
 
-    The tensor is zero outside the brain mask.
+    The tensor is zero outside the brain mask. The sliding-window batch is ``--batch-size`` bounded by the
+    memory left (:func:`bssfp2dt.inference.predict.choose_batch_size`); a CUDA out-of-memory error retries
+    with half the batch, then runs on the CPU (:func:`bssfp2dt.inference.predict.predict_with_oom_fallback`).
     """
     import torch
 
-    from bssfp2dt.inference.predict import predict_volume
+    from bssfp2dt.inference.predict import choose_batch_size, predict_volume, predict_with_oom_fallback
     from bssfp2dt.io.nifti import load_nifti
     from bssfp2dt.preprocessing.normalization import denormalize_tensor
 
@@ -248,14 +251,26 @@ def predict_tensor(config, session, model: LoadedModel, device) -> tuple[np.ndar
     patch_size = _patch_size(config, model)
     volume = network_input(session, model.modality, model.normalization, mask)
     generator = model.generator
+    out_channels = model.metadata["contract"]["output_channels"]
+    multiple = max(int(model.metadata["contract"].get("patch_multiple", 1)), 1)
+    probe_size = min(-(-PROBE_EDGE // multiple) * multiple, patch_size)  # small, yet a multiple the network takes
 
-    def predictor(patches: torch.Tensor) -> torch.Tensor:
-        return generator(patches, model.modality)
+    def predictor_on(target: torch.device):
+        generator.to(target)  # no-op unless a CUDA out-of-memory error moved the prediction to the CPU
+        return lambda patches: generator(patches, model.modality)
 
-    normalised = predict_volume(predictor, volume, patch_size=patch_size, overlap=DEFAULT_OVERLAP,
-                                batch_size=config.model.batch_size, device=device, mask=mask,
-                                out_channels=model.metadata["contract"]["output_channels"],
-                                progress=config.run.verbosity >= 1)
+    def batch_on(target: torch.device) -> int:
+        return choose_batch_size(predictor_on(target), volume.shape, out_channels, requested=config.model.batch_size,
+                                 patch_size=patch_size, probe_size=probe_size, mem_mb=config.resources.mem_mb,
+                                 device=target)
+
+    def run(batch_size: int, target: torch.device) -> np.ndarray:
+        return predict_volume(predictor_on(target), volume, patch_size=patch_size, overlap=DEFAULT_OVERLAP,
+                              batch_size=batch_size, device=target, mask=mask, out_channels=out_channels,
+                              progress=config.run.verbosity >= 1)
+
+    normalised = predict_with_oom_fallback(run, batch_on(device), device,
+                                           cpu_batch_size=lambda: batch_on(torch.device("cpu")))
     tensor = denormalize_tensor(np.moveaxis(normalised, 0, -1), model.normalization, mask)
     return tensor, mask, affine
 
