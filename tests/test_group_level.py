@@ -126,6 +126,19 @@ def test_without_reference_tensors_the_report_says_so_and_exits_zero(tmp_path):
     assert not out.group_errors_path(tmp_path).exists()
 
 
+def test_a_killed_group_runs_unfinished_files_are_removed(tmp_path):
+    """A temporary file as a SIGKILLed writer leaves it (unlocked, older than STALE_AFTER_S) goes; the report
+    is written."""
+    import os
+
+    stale = out.group_report_path(tmp_path).parent / ".group_report.k3j4h5g6.part.html"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("<html>half")
+    os.utime(stale, (0, 0))
+    assert run_group(plan_for(tmp_path, ["01"])) == 0
+    assert not stale.exists() and out.group_report_path(tmp_path).is_file()
+
+
 def test_without_participant_results_it_is_exit_66(tmp_path):
     with pytest.raises(MissingInputError) as error:
         run_group(plan_for(tmp_path, []))
