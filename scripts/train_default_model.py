@@ -90,10 +90,12 @@ def train_stage(args, bids_dir: Path, stage: str, modality: str, init: Path | No
     if args.learning_rate:
         rate = args.learning_rate * (FINETUNE_RATE_FACTOR if stage == "finetune" else 1.0)
         extra += ["--learning-rate", f"{rate:g}"]
+    threads = max(1, args.nprocs // len(MODALITIES)) if args.parallel else args.nprocs
     bssfp2dt(bids_dir, output_dir, "participant", "--train-stage", stage, "--input-modality", modality,
              "--model-size", args.model_size, "--patch-size", args.patch_size, "--max-epochs", args.max_epochs,
-             "--seed", args.seed, "--early-stopping-patience", args.patience, "-w", args.work / "work-train", "--nprocs", args.nprocs,
-             "--omp-nthreads", args.nprocs, "--skip-bids-validation", *preprocessing_flags(args), *extra)
+             "--seed", args.seed, "--early-stopping-patience", args.patience, "--split-fractions", args.split_fractions,
+             "-w", args.work / "work-train", "--nprocs", threads, "--omp-nthreads", threads, "--skip-bids-validation",
+             *preprocessing_flags(args), *extra)
     return release_checkpoint(output_dir)
 
 
@@ -119,6 +121,7 @@ def package(checkpoint: Path, modality: str, args, train_seed: int, test_seed: i
                          "train_seed": train_seed, "held_out_subjects": args.test_subjects,
                          "held_out_seed": test_seed, "max_epochs": args.max_epochs, "patch_size": args.patch_size,
                          "learning_rate": args.learning_rate or "stage default", "patience": args.patience,
+                         "split_fractions": args.split_fractions, "chain": args.chain,
                          "quick": args.quick},
             "contract": dict(metadata["contract"])}
 
@@ -228,6 +231,21 @@ def model_card(modality: str, model: dict[str, float], baseline: dict[str, float
     return "\n".join(lines)
 
 
+def train_modalities(args, bids_dir: Path, chain: tuple[str, ...], shared: Path | None) -> dict[str, Path]:
+    """The final checkpoint of each modality's chain (after the shared autoencoder, if any); with
+    ``--parallel`` the modalities train at the same time (the CLI runs are separate processes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(modality: str) -> Path:
+        checkpoint = shared
+        for stage in chain[1:] if shared else chain:
+            checkpoint = train_stage(args, bids_dir, stage, modality, checkpoint)
+        return checkpoint
+
+    with ThreadPoolExecutor(max_workers=len(MODALITIES) if args.parallel else 1) as pool:
+        return dict(zip(MODALITIES, pool.map(one, MODALITIES)))
+
+
 # --------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -245,6 +263,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=None,
                         help="AdamW rate of every stage (finetune: a tenth of it) (default: the stages' own)")
     parser.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs")
+    parser.add_argument("--split-fractions", default="0.85,0.15,0",
+                        help="train,validation,test fractions of the training subjects (no test part: the held-out "
+                             "subjects are a separate simulated dataset)")
+    parser.add_argument("--parallel", action="store_true",
+                        help="train the modalities at the same time, --nprocs split between them")
     parser.add_argument("--nprocs", type=int, default=2)
     parser.add_argument("--voxel-scale", type=float, default=1.0,
                         help="simulate coarser raw images (x voxel size) for a faster CPU run; the network's "
@@ -272,10 +295,9 @@ def main(argv=None) -> int:
     shared = train_stage(args, train_bids, "autoencoder", MODALITIES[0], None) if chain[0] == "autoencoder" else None
     entries, cards = {}, []
     means = tissue_mean_tensors(preprocessed_sessions(args.work / "work-train"))
+    checkpoints = train_modalities(args, train_bids, chain, shared)
     for modality in MODALITIES:
-        checkpoint = shared
-        for stage in chain[1:] if shared else chain:
-            checkpoint = train_stage(args, train_bids, stage, modality, checkpoint)
+        checkpoint = checkpoints[modality]
         entry = package(checkpoint, modality, args, train_seed, test_seed)
         model_out = args.work / "heldout" / f"model-{modality}"
         shutil.rmtree(model_out, ignore_errors=True)

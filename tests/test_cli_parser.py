@@ -55,6 +55,8 @@ def test_skip_validation_spellings(flag):
     ("--omp-nthreads", "2", "omp_nthreads", 2),
     ("--omp_nthreads", "2", "omp_nthreads", 2),
     ("--mem", "8G", "mem", 8192),
+    ("--mem-mb", "16000", "mem", 16000),
+    ("--mem_mb", "4G", "mem", 4096),
     ("--device", "cuda:1", "device", "cuda:1"),
     ("--device", "CPU", "device", "cpu"),
     ("--model", "m.ckpt", "model", Path("m.ckpt")),
@@ -77,6 +79,8 @@ def test_skip_validation_spellings(flag):
     ("--learning_rate", "0.001", "learning_rate", 1e-3),
     ("--early-stopping-patience", "12", "patience", 12),
     ("--early_stopping_patience", "1", "patience", 1),
+    ("--split-fractions", "0.85,0.15,0", "split_fractions", (0.85, 0.15, 0.0)),
+    ("--split_fractions", "1,0,0", "split_fractions", (1.0, 0.0, 0.0)),
 ])
 def test_valued_options(option, value, attribute, expected):
     assert getattr(parse(option, value), attribute) == expected
@@ -104,7 +108,7 @@ def test_verbose_is_counted():
 
 @pytest.mark.parametrize(("text", "megabytes"), [
     ("8G", 8192), ("8GB", 8192), ("8gb", 8192), ("8000M", 8000), ("8000MB", 8000), ("512MiB", 512),
-    ("1.5G", 1536), ("2T", 2 * 1024 ** 2), ("16", 16384), ("2048K", 2),
+    ("1.5G", 1536), ("2T", 2 * 1024 ** 2), ("16000", 16000), ("16", 16), ("2048K", 2),
 ])
 def test_memory_sizes(text, megabytes):
     assert memory_mb(text) == megabytes
@@ -135,6 +139,11 @@ def test_devices(text):
     ["/d/bids", "/d/out", "participant", "--learning-rate", "nan"],
     ["/d/bids", "/d/out", "participant", "--learning-rate", "fast"],
     ["/d/bids", "/d/out", "participant", "--early-stopping-patience", "0"],
+    ["/d/bids", "/d/out", "participant", "--split-fractions", "0.7,0.3"],
+    ["/d/bids", "/d/out", "participant", "--split-fractions", "0.5,0.3,0.3"],
+    ["/d/bids", "/d/out", "participant", "--split-fractions", "0,0.5,0.5"],
+    ["/d/bids", "/d/out", "participant", "--split-fractions", "0.8,-0.1,0.3"],
+    ["/d/bids", "/d/out", "participant", "--split-fractions", "a,b,c"],
     ["/d/bids", "/d/out", "participant", "--derivatives", "name="],
     ["/d/bids", "/d/out", "participant", "--participant-label"],
 ])
@@ -220,7 +229,7 @@ def test_perceptual_weights_must_exist_and_reach_the_training_settings(tmp_path)
     assert "--perceptual-weights" in str(raised.value)
 
 
-def test_learning_rate_and_patience_reach_the_training_settings_and_round_trip(tmp_path):
+def test_learning_rate_patience_and_split_reach_the_training_settings_and_round_trip(tmp_path):
     from bssfp2dt.cli.parser import parse_args
     from bssfp2dt.config import config_from_args, load_toml, save_toml
     from bssfp2dt.io.bids import DEFAULT_QUERIES
@@ -231,8 +240,10 @@ def test_learning_rate_and_patience_reach_the_training_settings_and_round_trip(t
     base = [str(bids), str(tmp_path / "out"), "participant", "--train-stage", "direct"]
     default = config_from_args(parse_args(base), "run", DEFAULT_QUERIES)
     assert (default.training.learning_rate, default.training.patience) == (None, 5)
-    tuned = config_from_args(parse_args(base + ["--learning-rate", "2e-3", "--early-stopping-patience", "9"]),
-                             "run", DEFAULT_QUERIES)
+    assert default.training.split_fractions == (0.7, 0.15, 0.15)
+    tuned = config_from_args(parse_args(base + ["--learning-rate", "2e-3", "--early-stopping-patience", "9",
+                                                "--split-fractions", "0.8,0.2,0"]), "run", DEFAULT_QUERIES)
     assert (tuned.training.learning_rate, tuned.training.patience) == (2e-3, 9)
+    assert tuned.training.split_fractions == (0.8, 0.2, 0.0)
     assert load_toml(save_toml(tuned, tmp_path / "c.toml")) == tuned
     assert load_toml(save_toml(default, tmp_path / "d.toml")) == default

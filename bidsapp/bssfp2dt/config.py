@@ -103,7 +103,7 @@ class PreprocessingOptions:
 @dataclass(frozen=True)
 class TrainingSettings:
     """Training stage (None = inference), starting weights, epoch bound, seed, learning rate (None: the
-    stage's) and early-stopping patience (epochs)."""
+    stage's), early-stopping patience (epochs) and the train/validation/test subject fractions."""
 
     stage: str | None = None
     init_checkpoint: Path | None = None
@@ -112,6 +112,7 @@ class TrainingSettings:
     perceptual_weights: Path | None = None
     learning_rate: float | None = None
     patience: int = 5
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,7 @@ def config_from_args(args: argparse.Namespace, run_uuid: str,
                                   init_checkpoint=_existing_file(args.init_checkpoint, "--init-checkpoint"),
                                   max_epochs=args.max_epochs, seed=args.seed,
                                   learning_rate=args.learning_rate, patience=args.patience,
+                                  split_fractions=tuple(args.split_fractions),
                                   perceptual_weights=_existing_file(args.perceptual_weights, "--perceptual-weights")),
         run=RunSettings(run_uuid=run_uuid, skip_bids_validation=args.skip_bids_validation,
                         stop_on_first_crash=args.stop_on_first_crash, dry_run=args.dry_run,

@@ -47,11 +47,12 @@ class PrintExecSpecAction(argparse.Action):
 
 
 def memory_mb(text: str) -> int:
-    """``'8G'``, ``'8GB'``, ``'8000M'``, ``'512MiB'`` -> megabytes (int). A bare number means GB (NiPreps)."""
+    """``'8G'``, ``'8GB'``, ``'8000M'``, ``'512MiB'`` -> megabytes (int). A bare number means MB, as in
+    fMRIPrep's and QSIPrep's ``--mem``/``--mem-mb``."""
     match = _MEMORY_PATTERN.match(text)
     if not match:
         raise argparse.ArgumentTypeError(f"{text!r} is not a memory size; use e.g. 8G, 8GB or 8000M")
-    value, unit = float(match.group(1)), (match.group(2) or "g").lower()
+    value, unit = float(match.group(1)), (match.group(2) or "m").lower()
     megabytes = int(round(value * _MEMORY_UNIT_MB[unit]))
     if megabytes < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is less than 1 MB")
@@ -86,6 +87,19 @@ def positive_float(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a finite number above 0")
     return value
+
+
+def split_fractions(text: str) -> tuple[float, float, float]:
+    """``TRAIN,VALIDATION,TEST`` subject fractions: three non-negative numbers summing to 1, TRAIN > 0."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not three comma-separated numbers") from None
+    if len(values) != 3 or not all(math.isfinite(v) and v >= 0 for v in values) or values[0] <= 0 \
+            or abs(sum(values) - 1.0) > 1e-6:
+        raise argparse.ArgumentTypeError(f"{text!r} must be three non-negative fractions summing to 1, "
+                                         "the first above 0 (e.g. 0.7,0.15,0.15)")
+    return values  # type: ignore[return-value]
 
 
 def non_negative_int(text: str) -> int:
@@ -157,8 +171,8 @@ def build_parser() -> BidsAppArgumentParser:
                            help="processes in parallel (default: all CPUs)")
     resources.add_argument("--omp-nthreads", "--omp_nthreads", dest="omp_nthreads", type=positive_int,
                            help="threads per process (default: min(8, nprocs))")
-    resources.add_argument("--mem", "--mem-gb", "--mem_gb", dest="mem", type=memory_mb, metavar="SIZE",
-                           help="memory limit, e.g. 8G, 8GB or 8000M (a bare number is GB)")
+    resources.add_argument("--mem", "--mem-mb", "--mem_mb", dest="mem", type=memory_mb, metavar="SIZE",
+                           help="memory limit, e.g. 16000 (MB, as in fMRIPrep), 8000M, 8G or 8GB")
     resources.add_argument("--device", type=device_name, default="auto",
                            help="auto, cpu, cuda or cuda:N (default: %(default)s)")
 
@@ -201,6 +215,10 @@ def build_parser() -> BidsAppArgumentParser:
     training.add_argument("--early-stopping-patience", "--early_stopping_patience", dest="patience",
                           type=positive_int, default=5, metavar="EPOCHS",
                           help="stop after this many epochs without a lower validation loss (default: %(default)s)")
+    training.add_argument("--split-fractions", "--split_fractions", dest="split_fractions", type=split_fractions,
+                          default=(0.7, 0.15, 0.15), metavar="TRAIN,VAL,TEST",
+                          help="subject fractions of the training, validation and test sets (validation keeps at "
+                               "least one subject) (default: 0.7,0.15,0.15)")
     training.add_argument("--seed", type=non_negative_int, default=0,
                           help="seed of the train/validation/test split, sampling and initialisation (default: %(default)s)")
 

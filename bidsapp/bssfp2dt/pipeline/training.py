@@ -99,7 +99,7 @@ def prepare_data(plan, input_modality: str, start: "StartingPoint"):
               if data.pair_sessions(subject, input_modality)}
     for label in sorted(set(preprocessed) - set(usable)):
         logger.warning("sub-%s: no %s session with a DWI session: left out of the split", label, input_modality)
-    split = start.split or data.split_subjects(list(usable), settings.seed)
+    split = start.split or data.split_subjects(list(usable), settings.seed, settings.split_fractions)
     missing = [label for label in split.train + split.validation if label not in usable]
     if missing:
         raise MissingInputError(f"--init-checkpoint {settings.init_checkpoint}: its split needs "
