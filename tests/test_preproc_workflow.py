@@ -67,6 +67,28 @@ def test_rerun_with_the_same_work_dir_executes_no_node(preprocessed_run):
     assert {path: path.stat().st_mtime_ns for path in sorted(folder.glob("*/result_*.pklz"))} == before
 
 
+def test_rerun_with_another_thread_count_executes_no_node(preprocessed_run):
+    """--omp-nthreads changes no result, so it must not invalidate the cache."""
+    import dataclasses
+
+    _, config, inputs, first = preprocessed_run
+    folder = config.paths.work_dir / workflow_name("01")
+    before = {path: path.stat().st_mtime_ns for path in sorted(folder.glob("*/result_*.pklz"))}
+    threaded = dataclasses.replace(FAST, omp_nthreads=FAST.omp_nthreads + 3)
+    assert run_preprocessing(config, inputs, threaded) == first
+    assert {path: path.stat().st_mtime_ns for path in sorted(folder.glob("*/result_*.pklz"))} == before
+
+
+def test_nodes_take_the_thread_count_from_the_environment(monkeypatch):
+    settings = pipeline.PreprocSettings(omp_nthreads=5)
+    options = settings.node_options()
+    assert "omp_nthreads" not in options
+    monkeypatch.setenv(pipeline.THREADS_ENV, "5")
+    assert pipeline.PreprocSettings.from_dict(options) == settings
+    monkeypatch.delenv(pipeline.THREADS_ENV)
+    assert pipeline.PreprocSettings.from_dict(options).omp_nthreads == 1
+
+
 def test_write_preproc_outputs_with_sidecars(preprocessed_run):
     bids_dir, config, _, result = preprocessed_run
     session = result.session("1")

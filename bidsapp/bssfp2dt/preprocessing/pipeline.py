@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -35,6 +36,10 @@ logger = logging.getLogger(__name__)
 FSL_BINARIES = ("topup", "applytopup", "eddy")
 #: Linear interpolation of a binary mask is cut here to get a mask on another grid.
 MASK_THRESHOLD = 0.5
+
+
+#: Environment variable that carries ``--omp-nthreads`` into the workflow's nodes (not part of their hash).
+THREADS_ENV = "BSSFP2DT_OMP_NTHREADS"
 
 
 @dataclass(frozen=True)
@@ -67,10 +72,20 @@ class PreprocSettings:
         """JSON-able dict (tuples become lists)."""
         return json.loads(json.dumps(asdict(self)))
 
+    def node_options(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the thread count: what the workflow's nodes receive and nipype hashes.
+        Threads do not change any result, so ``--omp-nthreads`` must not invalidate the work dir's cache;
+        the nodes read them from ``THREADS_ENV`` instead (see :meth:`from_dict`)."""
+        options = self.to_dict()
+        del options["omp_nthreads"]
+        return options
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "PreprocSettings":
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`; a dict without ``omp_nthreads`` (:meth:`node_options`) takes the
+        thread count from the environment variable ``THREADS_ENV`` (1 when unset)."""
         values = dict(values)
+        values.setdefault("omp_nthreads", max(1, int(os.environ.get(THREADS_ENV, "1") or 1)))
         for key in ("registration", "motion_registration"):
             if key in values:
                 values[key] = _registration_settings(values[key])

@@ -23,9 +23,10 @@ import logging
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -174,7 +175,7 @@ def build_workflow(subject_inputs, settings: PreprocSettings, work_dir: Path, cr
     from nipype.pipeline.engine import Node, Workflow
 
     check_settings(settings)
-    options = settings.to_dict()
+    options = settings.node_options()
     workflow = Workflow(name=workflow_name(subject_inputs.subject), base_dir=str(work_dir))
     workflow.config["execution"] = {"crashdump_dir": str(crash_dir), "hash_method": HASH_METHOD,
                                     "stop_on_first_crash": str(stop_on_first_crash).lower(),
@@ -312,6 +313,22 @@ def settings_from_config(config) -> PreprocSettings:
                            omp_nthreads=config.resources.omp_nthreads)
 
 
+@contextmanager
+def threads_for_nodes(omp_nthreads: int) -> Iterator[None]:
+    """Set ``THREADS_ENV`` for the nodes run inside (MultiProc workers inherit it), then restore it."""
+    from bssfp2dt.preprocessing.pipeline import THREADS_ENV
+
+    previous = os.environ.get(THREADS_ENV)
+    os.environ[THREADS_ENV] = str(int(omp_nthreads))
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(THREADS_ENV, None)
+        else:
+            os.environ[THREADS_ENV] = previous
+
+
 def run_preprocessing(plan_or_config, subject_inputs, settings: PreprocSettings | None = None) -> PreprocessedSubject:
     """Preprocess one subject through the cached workflow; write ``desc-preproc`` outputs on request.
 
@@ -336,10 +353,11 @@ def run_preprocessing(plan_or_config, subject_inputs, settings: PreprocSettings 
     logger.info("sub-%s: preprocessing (%d session(s), work dir %s, %s)", subject_inputs.subject, len(collect),
                 config.paths.work_dir, f"MultiProc n_procs={nprocs}" if nprocs > 1 else "Linear")
     try:
-        if nprocs > 1:
-            graph = workflow.run(plugin="MultiProc", plugin_args={"n_procs": nprocs, "raise_insufficient": False})
-        else:
-            graph = workflow.run(plugin="Linear")
+        with threads_for_nodes(settings.omp_nthreads):
+            if nprocs > 1:
+                graph = workflow.run(plugin="MultiProc", plugin_args={"n_procs": nprocs, "raise_insufficient": False})
+            else:
+                graph = workflow.run(plugin="Linear")
     except RuntimeError as error:
         raise Bssfp2dtError(f"sub-{subject_inputs.subject}: preprocessing failed ({error}); see the crash files "
                             f"in {crash_dir}") from None
