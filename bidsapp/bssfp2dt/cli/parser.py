@@ -216,9 +216,9 @@ def build_parser() -> BidsAppArgumentParser:
                           type=positive_int, default=5, metavar="EPOCHS",
                           help="stop after this many epochs without a lower validation loss (default: %(default)s)")
     training.add_argument("--split-fractions", "--split_fractions", dest="split_fractions", type=split_fractions,
-                          default=(0.7, 0.15, 0.15), metavar="TRAIN,VAL,TEST",
+                          default="0.7,0.15,0.15", metavar="TRAIN,VAL,TEST",
                           help="subject fractions of the training, validation and test sets (validation keeps at "
-                               "least one subject) (default: 0.7,0.15,0.15)")
+                               "least one subject) (default: %(default)s)")
     training.add_argument("--seed", type=non_negative_int, default=0,
                           help="seed of the train/validation/test split, sampling and initialisation (default: %(default)s)")
 
