@@ -293,12 +293,13 @@ def main(argv=None) -> int:
 
     chain = CHAINS[args.chain]
     shared = train_stage(args, train_bids, "autoencoder", MODALITIES[0], None) if chain[0] == "autoencoder" else None
-    entries, cards = {}, []
+    cards = []
     means = tissue_mean_tensors(preprocessed_sessions(args.work / "work-train"))
     checkpoints = train_modalities(args, train_bids, chain, shared)
-    for modality in MODALITIES:
-        checkpoint = checkpoints[modality]
-        entry = package(checkpoint, modality, args, train_seed, test_seed)
+    # Registered before the evaluation: a packaged file is only loaded when its sha256 is in models.toml.
+    entries = {modality: package(checkpoints[modality], modality, args, train_seed, test_seed) for modality in MODALITIES}
+    write_registry(entries)
+    for modality, entry in entries.items():
         model_out = args.work / "heldout" / f"model-{modality}"
         shutil.rmtree(model_out, ignore_errors=True)
         work_test = args.work / "work-heldout"  # shared: both modalities need the same preprocessing
@@ -314,7 +315,6 @@ def main(argv=None) -> int:
                                "model": model_summary, "baseline_tissue_mean": baseline_summary}
         entry["training"]["voxel_scale"] = args.voxel_scale
         entry["training"]["preprocessing"] = " ".join(preprocessing_flags(args)) or "all steps"
-        entries[modality] = entry
         cards.append(model_card(modality, model_summary, baseline_summary))
     write_registry(entries)
     print("\n\n".join(cards))
