@@ -14,11 +14,11 @@ from bssfp2dt.training.stages import STAGES, apply_stage, get_stage, initial_gen
 
 
 def test_stage_table():
-    assert {name: (s.input_modality, s.trains, s.init_from, s.learning_rate) for name, s in STAGES.items()} == {
-        "direct": (None, "all", None, 1e-4),
-        "autoencoder": ("dwi-tensor", "all", None, 1e-4),
-        "head": (None, "head", "autoencoder", 1e-4),
-        "finetune": (None, "all", "head", 1e-5),
+    assert {name: (s.input_modality, s.trains, s.starts_from, s.learning_rate) for name, s in STAGES.items()} == {
+        "direct": (None, "all", (), 1e-4),
+        "autoencoder": ("dwi-tensor", "all", (), 1e-4),
+        "head": (None, "head", ("autoencoder",), 1e-4),
+        "finetune": (None, "all", ("head", "direct", "finetune"), 1e-5),
     }
     assert STAGES["head"].freezes != "nothing" and STAGES["finetune"].freezes == "nothing"
     with pytest.raises(UsageError, match="--train-stage"):
@@ -103,5 +103,22 @@ def test_autoencoder_stage_feeds_the_tensor_and_direct_starts_fresh():
 def test_stage_needing_a_checkpoint_refuses_a_missing_or_wrong_one(autoencoder_checkpoint):
     with pytest.raises(UsageError, match="--init-checkpoint"):
         initial_generator(get_stage("head"), "t1w", "tiny")
-    with pytest.raises(UsageError, match="written by the autoencoder stage"):
+    with pytest.raises(UsageError, match="written by the autoencoder stage.*head-, direct- or finetune-stage"):
         initial_generator(get_stage("finetune"), "t1w", "tiny", autoencoder_checkpoint)
+    direct = save_release_checkpoint(autoencoder_checkpoint.with_name("direct.pt"), build_generator("tiny", ["t1w"]),
+                                     config={}, stage="direct", modality="t1w", normalization={})
+    with pytest.raises(UsageError, match="written by the direct stage.*needs a autoencoder-stage checkpoint"):
+        initial_generator(get_stage("head"), "t1w", "tiny", direct)
+
+
+def test_finetune_starts_from_a_direct_stage_model_such_as_the_packaged_ones(tmp_path):
+    torch.manual_seed(2)
+    direct = build_generator("tiny", ["pc-bssfp"])
+    path = save_release_checkpoint(tmp_path / "direct.pt", direct, config={}, stage="direct", modality="pc-bssfp",
+                                   normalization={})
+    generator = initial_generator(get_stage("finetune"), "pc-bssfp", "tiny", path)
+    for (key, value), reference in zip(generator.state_dict().items(), direct.state_dict().values()):
+        assert torch.equal(value, reference), key
+    assert len(apply_stage(generator, get_stage("finetune"), "pc-bssfp")) == len(list(generator.parameters()))
+    with pytest.raises(UsageError, match="trained on pc-bssfp"):
+        initial_generator(get_stage("finetune"), "t1w", "tiny", path)

@@ -104,8 +104,10 @@ def test_resuming_from_the_last_checkpoint_repeats_the_uninterrupted_run(tmp_pat
     assert start.normalization == datamodule_factory().normalization
     for key, value in start.generator.state_dict().items():
         assert torch.equal(value, first.generator.state_dict()[key]), key
-    with pytest.raises(UsageError, match="direct stage"):
-        starting_point(get_stage("finetune"), "pc-bssfp", last, None)
+    finetune = starting_point(get_stage("finetune"), "pc-bssfp", last, None)  # a trained direct model goes on
+    assert not finetune.resume and finetune.normalization == start.normalization
+    with pytest.raises(UsageError, match="written by the direct stage"):
+        starting_point(get_stage("head"), "pc-bssfp", last, None)
     with pytest.raises(UsageError, match="trained on pc-bssfp"):
         starting_point(get_stage("direct"), "t1w", last, None)
 

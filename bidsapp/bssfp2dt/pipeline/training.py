@@ -193,9 +193,10 @@ def _from_lightning(stage, modality: str, path: Path) -> StartingPoint:
                                 "give a checkpoints/*.ckpt of a training run or its model.pt") from None
     written_by = hyper["stage"]
     resume = written_by == stage.name
-    if not resume and written_by != stage.init_from:
+    if not resume and written_by not in stage.starts_from:
+        needed = stage.describe_start() if stage.starts_from else f"{stage.name}-stage"
         raise UsageError(f"--init-checkpoint {path} was written by the {written_by} stage; --train-stage "
-                         f"{stage.name} needs a {stage.init_from or stage.name}-stage checkpoint")
+                         f"{stage.name} needs a {needed} checkpoint")
     if (resume or written_by != "autoencoder") and hyper["modality"] != modality:
         raise UsageError(f"--init-checkpoint {path} was trained on {hyper['modality']}, not {modality}; "
                          "give the checkpoint of the same modality")

@@ -34,6 +34,8 @@ class Stage:
     ``input_modality``: the modality this stage always feeds (None: the run's target modality);
     ``trains``: ``"all"`` or ``"head"`` (only the input modality's head; all else frozen);
     ``init_from``: the stage whose release checkpoint it starts from (None: random initialisation);
+    ``also_from``: other stages whose checkpoints it may start from (finetune: a direct-stage model, such
+    as the packaged ones, or an already finetuned one);
     ``learning_rate``: AdamW learning rate (1/step).
     """
 
@@ -42,6 +44,17 @@ class Stage:
     trains: str
     init_from: str | None
     learning_rate: float
+    also_from: tuple[str, ...] = ()
+
+    @property
+    def starts_from(self) -> tuple[str, ...]:
+        """Every stage whose checkpoint this stage may start from (empty: random initialisation only)."""
+        return () if self.init_from is None else (self.init_from, *self.also_from)
+
+    def describe_start(self) -> str:
+        """``"head-, direct- or finetune-stage"``: the checkpoints it accepts, for messages."""
+        names = [f"{name}-" for name in self.starts_from]
+        return (", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]) + "stage"
 
     @property
     def freezes(self) -> str:
@@ -53,7 +66,7 @@ STAGES: dict[str, Stage] = {
     "direct": Stage("direct", None, TRAINS_ALL, None, 1e-4),
     "autoencoder": Stage("autoencoder", "dwi-tensor", TRAINS_ALL, None, 1e-4),
     "head": Stage("head", None, TRAINS_HEAD, "autoencoder", 1e-4),
-    "finetune": Stage("finetune", None, TRAINS_ALL, "head", 1e-5),
+    "finetune": Stage("finetune", None, TRAINS_ALL, "head", 1e-5, also_from=("direct", "finetune")),
 }
 
 
@@ -107,13 +120,13 @@ def initial_generator(stage: Stage, modality: str, size: str | GeneratorSize,
     if stage.init_from is None:
         return build_generator(size, [input_modality])
     if init_checkpoint is None:
-        raise UsageError(f"--train-stage {stage.name} starts from a {stage.init_from}-stage checkpoint; "
+        raise UsageError(f"--train-stage {stage.name} starts from a {stage.describe_start()} checkpoint; "
                          f"give it with --init-checkpoint")
     generator, metadata = load_release_checkpoint(init_checkpoint)
-    if metadata["stage"] != stage.init_from:
+    if metadata["stage"] not in stage.starts_from:
         raise UsageError(f"--init-checkpoint {init_checkpoint} was written by the {metadata['stage']} stage; "
-                         f"--train-stage {stage.name} needs a {stage.init_from}-stage checkpoint")
-    if stage.init_from != "autoencoder" and metadata["modality"] != input_modality:
+                         f"--train-stage {stage.name} needs a {stage.describe_start()} checkpoint")
+    if metadata["stage"] != "autoencoder" and metadata["modality"] != input_modality:
         raise UsageError(f"--init-checkpoint {init_checkpoint} was trained on {metadata['modality']}, not "
                          f"{input_modality}; give the checkpoint of the same modality")
     return generator.train()
