@@ -72,8 +72,13 @@ class Protocol:
 
 @dataclass(frozen=True)
 class TissueProperties:
-    """Relaxation (s), proton density (relative to water), and diffusion (mm^2/s) of the tissues."""
+    """Relaxation (s), proton density (relative to water), and diffusion (mm^2/s) of the tissues.
 
+    ``water_content``: per tissue, the subject's free-water factor in [-1, 1] (0: the population mean) that
+    sets where its T1 and, for the most part, its MD lie in their ranges (see :func:`sample_tissues`).
+    """
+
+    water_content: dict
     t1: dict
     t2: dict
     proton_density: dict
@@ -165,14 +170,52 @@ def _vary(rng, value, fraction=0.10):
     return float(value * (1.0 + rng.uniform(-fraction, fraction)))
 
 
+TISSUES = ("WM", "GM", "CSF")
+T1_RANGE_S = {"WM": (0.83, 1.10), "GM": (1.33, 1.82), "CSF": (4.0, 4.4)}
+T2_RANGE_S = {"WM": (0.070, 0.080), "GM": (0.100, 0.110), "CSF": (1.5, 2.0)}
+MD_MEAN = {"WM": 0.75e-3, "GM": 0.85e-3, "CSF": 3.0e-3}  # mm^2/s
+MD_SPREAD = {"WM": 0.07, "GM": 0.07, "CSF": 0.03}  # largest relative between-subject deviation
+# Share of the MD deviation that follows the water content (the rest is independent): correlation ~0.98
+# between a tissue's T1 and its MD across subjects.
+MD_WATER_SHARE = 0.85
+POOL_T1_SPREAD = 0.10  # the white-matter pools' intra/extra-axonal T1 follows the WM water content too
+
+
+def _within(low_high: tuple[float, float], position: float) -> float:
+    """The value at ``position`` in [-1, 1] of the interval ``low_high`` (-1: low, 1: high)."""
+    low, high = low_high
+    return float(0.5 * (low + high) + 0.5 * (high - low) * position)
+
+
 def sample_tissues(rng: np.random.Generator) -> TissueProperties:
-    """3 T tissue values (physics.md sections 3 and 5) with between-subject variation."""
+    """3 T tissue values (physics.md sections 3 and 5) with between-subject variation.
+
+    T1 and MD both rise with a tissue's free-water content (more water: longer T1, faster diffusion), so
+    one factor per tissue, ``water_content`` ~ U(-1, 1), places the subject's T1 in its range and sets
+    ``MD_WATER_SHARE`` of its MD deviation; the inputs (T1w, bSSFP) thereby carry the subject's MD, as
+    they do in real tissue. FA scales are independent draws (bSSFP sees WM FA through the fibre volume
+    fraction).
+    """
+    water = {tissue: float(rng.uniform(-1.0, 1.0)) for tissue in TISSUES}
+    t2 = {tissue: float(rng.uniform(*T2_RANGE_S[tissue])) for tissue in TISSUES}
+    md_independent = {tissue: float(rng.uniform(-1.0, 1.0)) for tissue in TISSUES}
+    md = {tissue: MD_MEAN[tissue] * (1.0 + MD_SPREAD[tissue] * (MD_WATER_SHARE * water[tissue]
+                                                               + (1.0 - MD_WATER_SHARE) * md_independent[tissue]))
+          for tissue in TISSUES}
     return TissueProperties(
-        t1={"WM": rng.uniform(0.83, 1.10), "GM": rng.uniform(1.33, 1.82), "CSF": rng.uniform(4.0, 4.4)},
-        t2={"WM": rng.uniform(0.070, 0.080), "GM": rng.uniform(0.100, 0.110), "CSF": rng.uniform(1.5, 2.0)},
-        proton_density={"WM": 0.69, "GM": 0.80, "CSF": 1.0},
-        md={"WM": _vary(rng, 0.75e-3, 0.07), "GM": _vary(rng, 0.85e-3, 0.07), "CSF": _vary(rng, 3.0e-3, 0.03)},
+        water_content=water, t1={tissue: _within(T1_RANGE_S[tissue], water[tissue]) for tissue in TISSUES},
+        t2=t2, proton_density={"WM": 0.69, "GM": 0.80, "CSF": 1.0}, md=md,
         fa_gm=rng.uniform(0.10, 0.20), fa_wm_coherent=rng.uniform(0.70, 0.85), fa_wm_general=rng.uniform(0.40, 0.50))
+
+
+def sample_pool_relaxation(rng: np.random.Generator, tissues: TissueProperties) -> PoolRelaxation:
+    """White-matter pool relaxation: each default varied +-10 %, the intra/extra-axonal T1 by the WM water
+    content (so the bSSFP of white matter follows its MD as the T1w does)."""
+    defaults = PoolRelaxation()
+    varied = {name: _vary(rng, value) for name, value in dataclasses.asdict(defaults).items()
+              if name != "t1_intra_extra"}
+    t1_intra_extra = defaults.t1_intra_extra * (1.0 + POOL_T1_SPREAD * tissues.water_content["WM"])
+    return PoolRelaxation(t1_intra_extra=t1_intra_extra, **varied)
 
 
 def gradient_scheme(rng: np.random.Generator, protocol: Protocol) -> tuple[tuple[float, ...], np.ndarray]:
@@ -215,7 +258,8 @@ def sample_subject(rng: np.random.Generator, label: str, regime: Regime, protoco
     b1 = SmoothField(float(rng.uniform(1.05, 1.15)), tuple(float(v) for v in rng.uniform(-0.04, 0.04, 3)),
                      float(rng.uniform(-0.25, -0.15)), (0.0, 0.0, 0.0))
     fibre_model = FibreModel(g_ratio=float(rng.uniform(0.75, 0.85)))
-    relax = PoolRelaxation(*(_vary(rng, v) for v in dataclasses.astuple(PoolRelaxation())))
+    tissues = sample_tissues(rng)
+    relax = sample_pool_relaxation(rng, tissues)
     scans = []
     sessions = max(bssfp_sessions, dwi_sessions, 1)
     for k in range(1, sessions + 1):
@@ -226,7 +270,7 @@ def sample_subject(rng: np.random.Generator, label: str, regime: Regime, protoco
             scans.append(_sample_scan(rng, kind, session, base, regime, protocol, reverse_pe))
     return SubjectParameters(
         label=label, regime=regime.name, orientation_gain=float(rng.uniform(*regime.orientation_gain)),
-        warp=warp, base_pose=base, tissues=sample_tissues(rng), b0_sources=b0_sources, b1=b1,
+        warp=warp, base_pose=base, tissues=tissues, b0_sources=b0_sources, b1=b1,
         fibre_model=fibre_model, pool_relaxation=relax, scans=tuple(scans))
 
 
