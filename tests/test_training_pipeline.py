@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,10 +66,34 @@ def datamodule_factory(tmp_path_factory):
     return build
 
 
-def _module(seed: int) -> Bssfp2dtGAN:
+def _module(seed: int, lr_schedule: str = "constant") -> Bssfp2dtGAN:
     torch.manual_seed(seed)
     return Bssfp2dtGAN(build_generator("tiny", ["pc-bssfp"]), "direct", "pc-bssfp", seed=0, learning_rate=1e-3,
-                       loss_weights=LossWeights(perceptual=0.0))
+                       loss_weights=LossWeights(perceptual=0.0), lr_schedule=lr_schedule)
+
+
+def _learning_rates(metrics_csv: Path) -> list[float]:
+    with open(metrics_csv) as handle:
+        return [float(row["learning_rate"]) for row in csv.DictReader(handle) if row.get("learning_rate")]
+
+
+def test_cosine_schedule_decays_to_a_hundredth_and_resumes_exactly(tmp_path, datamodule_factory):
+    uninterrupted = _module(0, "cosine")
+    build_trainer(tmp_path / "full", max_epochs=3, device="cpu", progress_bar=False).fit(
+        uninterrupted, datamodule=datamodule_factory())
+    # Closed form of the half cosine from 1e-3 to 1e-5 over 3 epochs, read after each epoch.
+    expected = [1e-5 + (1e-3 - 1e-5) * (1 + np.cos(np.pi * epoch / 3)) / 2 for epoch in (1, 2, 3)]
+    np.testing.assert_allclose(_learning_rates(tmp_path / "full" / "metrics.csv"), expected, rtol=1e-6)  # logged as float32
+
+    first = _module(0, "cosine")
+    build_trainer(tmp_path / "part", max_epochs=3, device="cpu", progress_bar=False, max_steps=8).fit(
+        first, datamodule=datamodule_factory())  # 4 batches x 2 optimiser steps: stops after epoch 1
+    resumed = _module(123, "cosine")
+    build_trainer(tmp_path / "resumed", max_epochs=3, device="cpu", progress_bar=False).fit(
+        resumed, datamodule=datamodule_factory(), ckpt_path=tmp_path / "part" / "checkpoints" / "last.ckpt")
+    reference = uninterrupted.state_dict()
+    for key, value in resumed.state_dict().items():
+        assert torch.equal(value, reference[key]), key
 
 
 def test_resuming_from_the_last_checkpoint_repeats_the_uninterrupted_run(tmp_path, datamodule_factory):

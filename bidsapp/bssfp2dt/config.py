@@ -103,7 +103,8 @@ class PreprocessingOptions:
 @dataclass(frozen=True)
 class TrainingSettings:
     """Training stage (None = inference), starting weights, epoch bound, seed, learning rate (None: the
-    stage's), early-stopping patience (epochs) and the train/validation/test subject fractions."""
+    stage's) and its schedule ("constant" or "cosine"), early-stopping patience (epochs) and the
+    train/validation/test subject fractions."""
 
     stage: str | None = None
     init_checkpoint: Path | None = None
@@ -111,6 +112,7 @@ class TrainingSettings:
     seed: int = 0
     perceptual_weights: Path | None = None
     learning_rate: float | None = None
+    lr_schedule: str = "constant"
     patience: int = 5
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
 
@@ -245,7 +247,8 @@ def config_from_args(args: argparse.Namespace, run_uuid: str,
         training=TrainingSettings(stage=args.train_stage,
                                   init_checkpoint=_existing_file(args.init_checkpoint, "--init-checkpoint"),
                                   max_epochs=args.max_epochs, seed=args.seed,
-                                  learning_rate=args.learning_rate, patience=args.patience,
+                                  learning_rate=args.learning_rate, lr_schedule=args.lr_schedule,
+                                  patience=args.patience,
                                   split_fractions=tuple(args.split_fractions),
                                   perceptual_weights=_existing_file(args.perceptual_weights, "--perceptual-weights")),
         run=RunSettings(run_uuid=run_uuid, skip_bids_validation=args.skip_bids_validation,

@@ -212,6 +212,10 @@ def build_parser() -> BidsAppArgumentParser:
     training.add_argument("--learning-rate", "--learning_rate", dest="learning_rate", type=positive_float,
                           metavar="LR", help="AdamW learning rate of generator and discriminator (default: the "
                                              "stage's: 1e-4, finetune 1e-5)")
+    training.add_argument("--lr-schedule", "--lr_schedule", dest="lr_schedule", choices=("constant", "cosine"),
+                          default="constant",
+                          help="learning rate over the epochs: constant (the reference method), or a half cosine "
+                               "from the rate down to 1 %% of it at --max-epochs (default: %(default)s)")
     training.add_argument("--early-stopping-patience", "--early_stopping_patience", dest="patience",
                           type=positive_int, default=5, metavar="EPOCHS",
                           help="stop after this many epochs without a lower validation loss (default: %(default)s)")

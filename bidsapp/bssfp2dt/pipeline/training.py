@@ -68,7 +68,7 @@ def run_training(plan) -> int:
         start.generator.set_output_offset(offset)
         logger.info("output bias set to the mean normalised training tensor %s", np.array2string(offset, precision=3))
     module = Bssfp2dtGAN(start.generator, stage, modality, seed=settings.seed, learning_rate=settings.learning_rate,
-                         perceptual_weights=settings.perceptual_weights)
+                         perceptual_weights=settings.perceptual_weights, lr_schedule=settings.lr_schedule)
     trainer = build_trainer(run_dir, max_epochs=settings.max_epochs, device=config.resources.device,
                             patience=settings.patience, progress_bar=True)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(start.path) if start.resume else None)

@@ -36,6 +36,8 @@ from bssfp2dt.training.stages import Stage, apply_stage, get_stage, stage_modali
 logger = logging.getLogger(__name__)
 
 _SEED_STRIDE = 1_000_003  # a prime, so (seed, step) pairs give distinct per-step seeds
+LR_SCHEDULES = ("constant", "cosine")
+COSINE_FINAL_FRACTION = 0.01  # the cosine schedule ends at 1 % of the starting rate
 
 
 class Bssfp2dtGAN(L.LightningModule):
@@ -43,14 +45,19 @@ class Bssfp2dtGAN(L.LightningModule):
 
     ``generator``: the stage's starting generator (see ``stages.initial_generator``); the stage is applied
     here (new head added, frozen parts pinned). ``learning_rate`` overrides the stage's (1/step);
-    ``data_range``: the range of the normalised volumes (SSIM, PSNR).
+    ``data_range``: the range of the normalised volumes (SSIM, PSNR). ``lr_schedule``: "constant" (the
+    reference method) or "cosine" (both rates decay per epoch along a half cosine to ``COSINE_FINAL_FRACTION``
+    of the start at the trainer's ``max_epochs``; the schedulers' states travel in Lightning checkpoints).
     """
 
     def __init__(self, generator: Generator, stage: Stage | str, modality: str, *,
                  discriminator_size: str | None = None, loss_weights: LossWeights = LossWeights(),
                  perceptual_weights: Path | str | None = None, learning_rate: float | None = None,
-                 weight_decay: float = 1e-2, data_range: float = 1.0, seed: int = 0):
+                 weight_decay: float = 1e-2, data_range: float = 1.0, seed: int = 0,
+                 lr_schedule: str = "constant"):
         super().__init__()
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown learning-rate schedule {lr_schedule!r}; choose one of {LR_SCHEDULES}")
         self.automatic_optimization = False
         self.stage = get_stage(stage) if isinstance(stage, str) else stage
         self.input_modality = stage_modality(self.stage, modality)
@@ -62,25 +69,39 @@ class Bssfp2dtGAN(L.LightningModule):
         self.weight_decay = weight_decay
         self.data_range = data_range
         self.seed = seed
+        self.lr_schedule = lr_schedule
         self.register_buffer("batches_trained", torch.zeros((), dtype=torch.int64))
         self.save_hyperparameters({
             "generator_size": generator.size.name, "stage": self.stage.name, "modality": modality,
             "discriminator_size": discriminator_size, "loss_weights": dataclasses.asdict(loss_weights),
             "perceptual_weights": None if perceptual_weights is None else str(perceptual_weights),
             "learning_rate": self.learning_rate, "weight_decay": weight_decay, "data_range": data_range,
-            "seed": seed,
+            "seed": seed, "lr_schedule": lr_schedule,
         })
 
     def forward(self, source: torch.Tensor) -> torch.Tensor:
         """(B, C_in, X, Y, Z) -> normalised tensor (B, 6, X, Y, Z)."""
         return self.generator(source, self.input_modality)
 
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+    def configure_optimizers(self):
         generator_optimiser = torch.optim.AdamW(self.trainable_generator_parameters, lr=self.learning_rate,
                                                 weight_decay=self.weight_decay)
         discriminator_optimiser = torch.optim.AdamW(self.discriminator.parameters(), lr=self.learning_rate,
                                                     weight_decay=self.weight_decay)
-        return [generator_optimiser, discriminator_optimiser]
+        optimisers = [generator_optimiser, discriminator_optimiser]
+        if self.lr_schedule == "constant":
+            return optimisers
+        epochs = max(1, int(self.trainer.max_epochs)) if self._trainer is not None else 1
+        schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimiser, T_max=epochs, eta_min=self.learning_rate * COSINE_FINAL_FRACTION) for optimiser in optimisers]
+        return optimisers, schedulers
+
+    def on_train_epoch_end(self) -> None:
+        # Manual optimisation: Lightning leaves the schedulers to the module.
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
+            scheduler.step()
+        self.log("learning_rate", self.optimizers()[0].optimizer.param_groups[0]["lr"], on_epoch=True)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         generator_optimiser, discriminator_optimiser = self.optimizers()
