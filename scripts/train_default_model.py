@@ -94,6 +94,7 @@ def train_stage(args, bids_dir: Path, stage: str, modality: str, init: Path | No
     bssfp2dt(bids_dir, output_dir, "participant", "--train-stage", stage, "--input-modality", modality,
              "--model-size", args.model_size, "--patch-size", args.patch_size, "--max-epochs", args.max_epochs,
              "--seed", args.seed, "--early-stopping-patience", args.patience, "--split-fractions", args.split_fractions,
+             "--lr-schedule", args.lr_schedule,
              "-w", args.work / "work-train", "--nprocs", threads, "--omp-nthreads", threads, "--skip-bids-validation",
              *preprocessing_flags(args), *extra)
     return release_checkpoint(output_dir)
@@ -120,7 +121,8 @@ def package(checkpoint: Path, modality: str, args, train_seed: int, test_seed: i
                          "data": "simulated (bssfp2dt.simulation)", "train_subjects": args.train_subjects,
                          "train_seed": train_seed, "held_out_subjects": args.test_subjects,
                          "held_out_seed": test_seed, "max_epochs": args.max_epochs, "patch_size": args.patch_size,
-                         "learning_rate": args.learning_rate or "stage default", "patience": args.patience,
+                         "learning_rate": args.learning_rate or "stage default", "lr_schedule": args.lr_schedule,
+                         "patience": args.patience,
                          "split_fractions": args.split_fractions, "chain": args.chain,
                          "quick": args.quick},
             "contract": dict(metadata["contract"])}
@@ -262,6 +264,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "stage from random weights (fewer steps for the same accuracy on a CPU budget)")
     parser.add_argument("--learning-rate", type=float, default=None,
                         help="AdamW rate of every stage (finetune: a tenth of it) (default: the stages' own)")
+    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                        help="learning rate over each stage's epochs (bssfp2dt --lr-schedule)")
     parser.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs")
     parser.add_argument("--split-fractions", default="0.85,0.15,0",
                         help="train,validation,test fractions of the training subjects (no test part: the held-out "

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_config  # noqa: E402
 from test_training_data import synthetic_subject  # noqa: E402
 
-from bssfp2dt.errors import UsageError  # noqa: E402
+from bssfp2dt.errors import MissingInputError, UsageError  # noqa: E402
 from bssfp2dt.models.generator import build_generator  # noqa: E402
 from bssfp2dt.pipeline.training import starting_point  # noqa: E402
 from bssfp2dt.training import data  # noqa: E402
@@ -213,3 +213,29 @@ def test_autoencoder_head_finetune_chain_through_the_cli(tmp_path, cheap_preproc
     for (key, value), reference in zip(head_generator.backbone.state_dict().items(),
                                        auto_generator.backbone.state_dict().values()):
         assert torch.equal(value, reference), key
+
+
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.parametrize("fault", ["code", "truncated", "junk"])
+def test_a_bad_lightning_checkpoint_is_a_clear_input_error_and_runs_no_code(tmp_path, datamodule_factory, fault):
+    checkpoint = tmp_path / "bad.ckpt"
+    marker = tmp_path / "code-ran"
+    if fault == "code":  # a checkpoint whose unpickling would create a file
+        payload = _RunsCodeWhenUnpickled()
+        payload.marker = str(marker)
+        torch.save({"state_dict": {}, "hyper_parameters": payload}, checkpoint)
+    elif fault == "truncated":
+        module = _module(0)
+        trainer = build_trainer(tmp_path / "run", max_epochs=1, device="cpu", progress_bar=False)
+        trainer.fit(module, datamodule=datamodule_factory())
+        whole = (tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes()
+        checkpoint.write_bytes(whole[: len(whole) // 2])
+    else:
+        checkpoint.write_bytes(b"not a checkpoint at all\n" * 10)
+    with pytest.raises(MissingInputError, match=r"bad\.ckpt is not a bssfp2dt Lightning checkpoint"):
+        starting_point(get_stage("direct"), "pc-bssfp", checkpoint, None)
+    assert not marker.exists()

@@ -12,6 +12,7 @@ stage itself resumes that run (same split, normalisation, optimiser states and e
 from __future__ import annotations
 
 import logging
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -75,7 +76,7 @@ def run_training(plan) -> int:
 
     best = best_checkpoint(trainer)
     if best is not None and best.is_file():
-        weights = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+        weights = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(weights)
         logger.info("release weights from %s", best.name)
     release = module.export_release(run_dir / "model.pt", config=release_config(config_path, split, patch_size),
@@ -183,12 +184,12 @@ def _from_lightning(stage, modality: str, path: Path) -> StartingPoint:
     from bssfp2dt.training.stages import stage_modality
 
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file
         hyper = payload["hyper_parameters"]
         weights = {key[len("generator."):]: value for key, value in payload["state_dict"].items()
                    if key.startswith("generator.")}
         state = next(value for key, value in payload.items() if key.endswith("TrainingData"))
-    except (OSError, RuntimeError, KeyError, StopIteration, EOFError) as error:
+    except (OSError, RuntimeError, KeyError, StopIteration, EOFError, pickle.UnpicklingError) as error:
         raise MissingInputError(f"--init-checkpoint {path} is not a bssfp2dt Lightning checkpoint ({error}); "
                                 "give a checkpoints/*.ckpt of a training run or its model.pt") from None
     written_by = hyper["stage"]
