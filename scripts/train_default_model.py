@@ -233,6 +233,30 @@ def model_card(modality: str, model: dict[str, float], baseline: dict[str, float
     return "\n".join(lines)
 
 
+LOWER_IS_BETTER = {"psnr": False, "ssim": False}  # every other card metric is an error
+
+
+def side_by_side_card(entries: dict[str, dict]) -> str:
+    """The model card's Markdown table: every modality's held-out medians next to the tissue-mean baseline
+    (the same held-out sessions for all modalities), bold where a model beats the baseline."""
+    modalities = [modality for modality in MODALITIES if "evaluation" in entries.get(modality, {})]
+    if not modalities:
+        raise SystemExit(f"{REGISTRY} holds no held-out evaluation: run the script without --card first")
+    baseline = entries[modalities[0]]["evaluation"]["baseline_tissue_mean"]
+    keys = [(f"{metric}_median_{tissue}", metric, tissue) for metric in CARD_METRICS for tissue in CARD_TISSUES]
+    keys += [(metric, metric, "brain") for metric in IMAGE_METRICS]
+    header = "| metric | tissue | " + " | ".join(f"{m} model" for m in modalities) + " | tissue-mean baseline |"
+    lines = [header, "|" + "---|" * (len(modalities) + 3)]
+    for key, metric, tissue in keys:
+        cells = []
+        for modality in modalities:
+            value = entries[modality]["evaluation"]["model"][key]
+            better = value > baseline[key] if not LOWER_IS_BETTER.get(metric, True) else value < baseline[key]
+            cells.append(f"**{value:.4g}**" if better else f"{value:.4g}")
+        lines.append(f"| {metric} | {tissue} | " + " | ".join(cells) + f" | {baseline[key]:.4g} |")
+    return "\n".join(lines)
+
+
 def train_modalities(args, bids_dir: Path, chain: tuple[str, ...], shared: Path | None) -> dict[str, Path]:
     """The final checkpoint of each modality's chain (after the shared autoencoder, if any); with
     ``--parallel`` the modalities train at the same time (the CLI runs are separate processes)."""
@@ -278,6 +302,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "grid stays 2 mm")
     parser.add_argument("--keep-all-steps", dest="skip_unneeded_steps", action="store_false",
                         help="also run Gibbs removal and DWI motion correction (the simulator models neither)")
+    parser.add_argument("--card", action="store_true",
+                        help="only print the model card's table from the packaged models.toml, then exit")
     parser.add_argument("--quick", action="store_true",
                         help="tiny phantoms, 3 + 1 subjects, tiny model, 2 epochs, 32^3 patches (smoke run)")
     args = parser.parse_args(argv)
@@ -291,6 +317,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(message)s", datefmt="%H:%M:%S")
+    if args.card:
+        import tomllib
+
+        print(side_by_side_card(tomllib.loads(REGISTRY.read_text())["models"]))
+        return 0
     train_seed, test_seed = args.seed, args.seed + 1
     train_bids = simulate(args.work / "train-bids", args.train_subjects, train_seed, args.quick, args.voxel_scale)
     test_bids = simulate(args.work / "heldout-bids", args.test_subjects, test_seed, args.quick, args.voxel_scale)
@@ -322,6 +353,7 @@ def main(argv=None) -> int:
         cards.append(model_card(modality, model_summary, baseline_summary))
     write_registry(entries)
     print("\n\n".join(cards))
+    print(side_by_side_card(entries))
     return 0
 
 
