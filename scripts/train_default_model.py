@@ -233,9 +233,6 @@ def model_card(modality: str, model: dict[str, float], baseline: dict[str, float
     return "\n".join(lines)
 
 
-LOWER_IS_BETTER = {"psnr": False, "ssim": False}  # every other card metric is an error
-
-
 def side_by_side_card(entries: dict[str, dict]) -> str:
     """The model card's Markdown table: every modality's held-out medians next to the tissue-mean baseline
     (the same held-out sessions for all modalities), bold where a model beats the baseline."""
@@ -251,7 +248,8 @@ def side_by_side_card(entries: dict[str, dict]) -> str:
         cells = []
         for modality in modalities:
             value = entries[modality]["evaluation"]["model"][key]
-            better = value > baseline[key] if not LOWER_IS_BETTER.get(metric, True) else value < baseline[key]
+            # Image metrics are scores (higher is better); every other card metric is an error.
+            better = value > baseline[key] if metric in IMAGE_METRICS else value < baseline[key]
             cells.append(f"**{value:.4g}**" if better else f"{value:.4g}")
         lines.append(f"| {metric} | {tissue} | " + " | ".join(cells) + f" | {baseline[key]:.4g} |")
     return "\n".join(lines)
@@ -274,6 +272,8 @@ def train_modalities(args, bids_dir: Path, chain: tuple[str, ...], shared: Path 
 
 # --------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
+    from bssfp2dt.cli.parser import LR_SCHEDULES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=REPO / "build" / "default-model",
                         help="folder for the simulated data, training outputs and caches")
@@ -288,7 +288,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "stage from random weights (fewer steps for the same accuracy on a CPU budget)")
     parser.add_argument("--learning-rate", type=float, default=None,
                         help="AdamW rate of every stage (finetune: a tenth of it) (default: the stages' own)")
-    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
                         help="learning rate over each stage's epochs (bssfp2dt --lr-schedule)")
     parser.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs")
     parser.add_argument("--split-fractions", default="0.85,0.15,0",

@@ -19,6 +19,7 @@ PROGRAM = "bssfp2dt"
 ANALYSIS_LEVELS = ("participant", "group")
 INPUT_MODALITIES = ("pc-bssfp", "bssfp", "t1w", "dwi-tensor")
 TRAIN_STAGES = ("direct", "autoencoder", "head", "finetune")
+LR_SCHEDULES = ("constant", "cosine")  # training.module implements them
 MODEL_SIZES = ("tiny", "small", "reference")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 _MEMORY_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
@@ -212,7 +213,7 @@ def build_parser() -> BidsAppArgumentParser:
     training.add_argument("--learning-rate", "--learning_rate", dest="learning_rate", type=positive_float,
                           metavar="LR", help="AdamW learning rate of generator and discriminator (default: the "
                                              "stage's: 1e-4, finetune 1e-5)")
-    training.add_argument("--lr-schedule", "--lr_schedule", dest="lr_schedule", choices=("constant", "cosine"),
+    training.add_argument("--lr-schedule", "--lr_schedule", dest="lr_schedule", choices=LR_SCHEDULES,
                           default="constant",
                           help="learning rate over the epochs: constant (the reference method), or a half cosine "
                                "from the rate down to 1 %% of it at --max-epochs (default: %(default)s)")

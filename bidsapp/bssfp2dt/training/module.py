@@ -91,16 +91,16 @@ class Bssfp2dtGAN(L.LightningModule):
         optimisers = [generator_optimiser, discriminator_optimiser]
         if self.lr_schedule == "constant":
             return optimisers
-        epochs = max(1, int(self.trainer.max_epochs)) if self._trainer is not None else 1
         schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimiser, T_max=epochs, eta_min=self.learning_rate * COSINE_FINAL_FRACTION) for optimiser in optimisers]
+            optimiser, T_max=max(1, self.trainer.max_epochs), eta_min=self.learning_rate * COSINE_FINAL_FRACTION)
+            for optimiser in optimisers]
         return optimisers, schedulers
 
     def on_train_epoch_end(self) -> None:
-        # Manual optimisation: Lightning leaves the schedulers to the module.
-        schedulers = self.lr_schedulers()
-        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
-            scheduler.step()
+        # Manual optimisation: Lightning leaves the schedulers (one per optimiser) to the module.
+        if self.lr_schedule != "constant":
+            for scheduler in self.lr_schedulers():
+                scheduler.step()
         self.log("learning_rate", self.optimizers()[0].optimizer.param_groups[0]["lr"], on_epoch=True)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
