@@ -82,11 +82,12 @@ class ResourceSettings:
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """Checkpoint (None = the packaged model), network size and patch geometry (voxels)."""
+    """Checkpoint (None = the packaged model), network size and patch geometry (voxels; None = the model's
+    training patch for inference, the recipe's for training)."""
 
     model: Path | None = None
     model_size: str | None = None
-    patch_size: int = 64
+    patch_size: int | None = None
     batch_size: int = 1
     write_preproc: bool = False
 
@@ -103,8 +104,8 @@ class PreprocessingOptions:
 @dataclass(frozen=True)
 class TrainingSettings:
     """Training stage (None = inference), starting weights, epoch bound, seed, learning rate (None: the
-    stage's) and its schedule ("constant" or "cosine"), early-stopping patience (epochs) and the
-    train/validation/test subject fractions."""
+    stage's) and its schedule ("constant" or "cosine"), the recipe (``training.recipes``), early-stopping
+    patience (epochs) and the train/validation/test subject fractions."""
 
     stage: str | None = None
     init_checkpoint: Path | None = None
@@ -113,6 +114,7 @@ class TrainingSettings:
     perceptual_weights: Path | None = None
     learning_rate: float | None = None
     lr_schedule: str = "constant"
+    recipe: str = "log-euclidean"
     patience: int = 5
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
 
@@ -248,6 +250,7 @@ def config_from_args(args: argparse.Namespace, run_uuid: str,
                                   init_checkpoint=_existing_file(args.init_checkpoint, "--init-checkpoint"),
                                   max_epochs=args.max_epochs, seed=args.seed,
                                   learning_rate=args.learning_rate, lr_schedule=args.lr_schedule,
+                                  recipe=args.recipe,
                                   patience=args.patience,
                                   split_fractions=tuple(args.split_fractions),
                                   perceptual_weights=_existing_file(args.perceptual_weights, "--perceptual-weights")),

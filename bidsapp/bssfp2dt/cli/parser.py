@@ -14,6 +14,7 @@ from typing import NoReturn, Sequence
 
 from bssfp2dt import __version__
 from bssfp2dt.errors import EXIT_USAGE
+from bssfp2dt.training.recipes import DEFAULT_RECIPE, RECIPES
 
 PROGRAM = "bssfp2dt"
 ANALYSIS_LEVELS = ("participant", "group")
@@ -183,8 +184,10 @@ def build_parser() -> BidsAppArgumentParser:
     model.add_argument("--model-size", "--model_size", dest="model_size", choices=MODEL_SIZES,
                        help="network width for training from scratch (default: from the checkpoint, "
                             "else reference)")
-    model.add_argument("--patch-size", "--patch_size", dest="patch_size", type=positive_int, default=64,
-                       help="cubic patch edge in voxels (training and sliding-window inference) (default: %(default)s)")
+    model.add_argument("--patch-size", "--patch_size", dest="patch_size", type=positive_int,
+                       help="cubic patch edge in voxels (training and sliding-window inference) (default: the "
+                            "model's training patch for inference, the recipe's for training: log-euclidean 32, "
+                            "reference 64)")
     model.add_argument("--batch-size", "--batch_size", dest="batch_size", type=positive_int, default=1,
                        help="patches per batch (default: %(default)s)")
     model.add_argument("--write-preproc", "--write_preproc", dest="write_preproc", action="store_true",
@@ -217,6 +220,11 @@ def build_parser() -> BidsAppArgumentParser:
                           default="constant",
                           help="learning rate over the epochs: constant (the reference method), or a half cosine "
                                "from the rate down to 1 %% of it at --max-epochs (default: %(default)s)")
+    training.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULT_RECIPE,
+                          help="training recipe: log-euclidean (log-tensor targets, masked white-matter-weighted loss "
+                               "with an anisotropy term, no batch norm, structure-tensor features, checkpoint chosen by "
+                               "white-matter errors: learns on a CPU) or reference (the published method: min/max "
+                               "targets, L1 + SSIM + GAN, batch norm) (default: %(default)s)")
     training.add_argument("--early-stopping-patience", "--early_stopping_patience", dest="patience",
                           type=positive_int, default=5, metavar="EPOCHS",
                           help="stop after this many epochs without a lower validation loss (default: %(default)s)")

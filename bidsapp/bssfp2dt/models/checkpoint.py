@@ -105,7 +105,8 @@ def load_release_checkpoint(path: Path | str, expected_sha256: str | None = None
     _check_payload(path, payload)
     spec = payload["generator"]
     size = GeneratorSize(name=spec["name"], features=tuple(spec["features"]), head_hidden=spec["head_hidden"],
-                         dropout=spec["dropout"])
+                         dropout=spec["dropout"], norm=spec.get("norm", "batch"),
+                         structure_scales=tuple(spec.get("structure_scales", ())))
     generator = Generator(size, spec["modalities"])
     try:
         generator.load_state_dict(payload["state_dict"], strict=True)

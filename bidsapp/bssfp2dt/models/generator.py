@@ -7,6 +7,7 @@ halves the grid four times, so X, Y and Z must be multiples of ``PATCH_MULTIPLE`
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Iterable
@@ -29,13 +30,20 @@ class GeneratorSize:
 
     ``features``: BasicUNet widths (encoder 5 levels, then the last up-block's width);
     ``head_hidden``: width of the two inner convolutions of each input head;
-    ``dropout``: dropout probability in every backbone block.
+    ``dropout``: dropout probability in every backbone block;
+    ``norm``: normalisation layers, ``"batch"`` (the reference method; needs GPU-sized batches) or ``"none"``
+    (no normalisation: the output then does not depend on the batch, the batch size or the patch size, so
+    CPU training at batch 1-4 and whole-volume inference give the same network);
+    ``structure_scales``: Gaussian integration scales (voxels) of the structure-tensor features added to
+    every head (empty: none; see :class:`StructureTensorFeatures`).
     """
 
     name: str
     features: tuple[int, int, int, int, int, int]
     head_hidden: int
     dropout: float
+    norm: str = "batch"
+    structure_scales: tuple[float, ...] = ()
 
 
 GENERATOR_SIZES: dict[str, GeneratorSize] = {
@@ -46,6 +54,8 @@ GENERATOR_SIZES: dict[str, GeneratorSize] = {
     # Unit tests only (< 100 k parameters).
     "tiny": GeneratorSize("tiny", (4, 8, 8, 16, 16, 4), head_hidden=4, dropout=0.0),
 }
+NORMS = ("batch", "none")
+STRUCTURE_MAPS = 2  # learned contrast maps whose structure tensors feed each head
 
 
 def resolve_size(size: str | GeneratorSize) -> GeneratorSize:
@@ -67,21 +77,89 @@ def check_modality(modality: str) -> int:
 
 
 class InputHead(nn.Module):
-    """Residual block (B, C_in, X, Y, Z) -> (B, 24, X, Y, Z): three 3x3x3 convolutions with instance norm and
-    ReLU, plus a 1x1x1 projection on the skip path when C_in != 24."""
+    """Residual block (B, C_in, X, Y, Z) -> (B, 24, X, Y, Z): three 3x3x3 convolutions with instance norm
+    (``normalise``; none for the ``"none"`` generators) and ReLU, plus a 1x1x1 projection on the skip path
+    when C_in != 24. With ``structure_scales`` the block also sees the input's structure-tensor features."""
 
-    def __init__(self, in_channels: int, hidden: int, out_channels: int = HEAD_OUT_CHANNELS):
+    def __init__(self, in_channels: int, hidden: int, out_channels: int = HEAD_OUT_CHANNELS,
+                 normalise: bool = True, structure_scales: tuple[float, ...] = ()):
         super().__init__()
+        self.structure = StructureTensorFeatures(in_channels, structure_scales) if structure_scales else None
+        width = in_channels + (self.structure.out_channels if self.structure is not None else 0)
+
+        def norm(channels: int) -> nn.Module:
+            return nn.InstanceNorm3d(channels, affine=True) if normalise else nn.Identity()
+
         self.body = nn.Sequential(
-            nn.Conv3d(in_channels, hidden, 3, padding=1), nn.InstanceNorm3d(hidden, affine=True), nn.ReLU(),
-            nn.Conv3d(hidden, hidden, 3, padding=1), nn.InstanceNorm3d(hidden, affine=True), nn.ReLU(),
-            nn.Conv3d(hidden, out_channels, 3, padding=1), nn.InstanceNorm3d(out_channels, affine=True),
+            nn.Conv3d(width, hidden, 3, padding=1), norm(hidden), nn.ReLU(),
+            nn.Conv3d(hidden, hidden, 3, padding=1), norm(hidden), nn.ReLU(),
+            nn.Conv3d(hidden, out_channels, 3, padding=1), norm(out_channels),
         )
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, 1)
         self.activation = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.body(x) + self.skip(x))
+        features = x if self.structure is None else torch.cat([x, self.structure(x)], dim=1)
+        return self.activation(self.body(features) + self.skip(x))
+
+
+class StructureTensorFeatures(nn.Module):
+    """Local orientation of the input's anatomy: structure tensors of learned contrast maps.
+
+    (B, C_in, X, Y, Z) -> (B, M (6 S + 1), X, Y, Z) with M = ``STRUCTURE_MAPS`` and S scales: each of M
+    contrast maps c = tanh(1x1x1 conv of the input) gives gradients g (central differences, per voxel),
+    the six components of g g^T smoothed by a Gaussian of each ``scale`` (voxels) and divided by their
+    trace (orientation only, dimensionless), plus log(trace) at the first scale (edge strength).
+    In white matter the fibre axis mostly runs along the direction in which the tissue varies least,
+    which the smallest eigenvector of these tensors gives; a UNet finds that mapping slowly from raw
+    intensities, so it is handed over here. Borders are replicate-padded, so a patch's features do not
+    see an artificial edge. Everything is differentiable, so the contrast maps are learned.
+    """
+
+    def __init__(self, in_channels: int, scales: tuple[float, ...], maps: int = STRUCTURE_MAPS):
+        super().__init__()
+        self.contrast = nn.Conv3d(in_channels, maps, 1)
+        self.maps = maps
+        self.scales = tuple(float(scale) for scale in scales)
+        self.out_channels = maps * (6 * len(self.scales) + 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        contrast = torch.tanh(self.contrast(x))
+        padded = nn.functional.pad(contrast, (1, 1, 1, 1, 1, 1), mode="replicate")
+        gradients = [(padded[:, :, 2:, 1:-1, 1:-1] - padded[:, :, :-2, 1:-1, 1:-1]) / 2,
+                     (padded[:, :, 1:-1, 2:, 1:-1] - padded[:, :, 1:-1, :-2, 1:-1]) / 2,
+                     (padded[:, :, 1:-1, 1:-1, 2:] - padded[:, :, 1:-1, 1:-1, :-2]) / 2]
+        products = torch.cat([gradients[i] * gradients[j] for i, j in ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2),
+                                                                        (2, 2))], dim=1)  # (B, 6 M, ...)
+        features = []
+        for index in range(len(self.scales)):
+            smoothed = gaussian_smooth(products, self.scales[index])
+            trace = smoothed[:, 0:self.maps] + smoothed[:, 3 * self.maps:4 * self.maps] + smoothed[:, 5 * self.maps:]
+            features.append(smoothed / (trace.repeat(1, 6, 1, 1, 1) + 1e-4))
+            if index == 0:
+                features.append(torch.log(trace + 1e-4))
+        return torch.cat(features, dim=1)
+
+
+def smoothing_matrix(size: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
+    """(size, size) Gaussian smoothing (sigma in voxels, radius 3 sigma) with replicate borders: row i holds
+    the weights of the samples that blur into sample i (rows sum to 1)."""
+    radius = max(1, int(round(3 * sigma)))
+    offsets = torch.arange(-radius, radius + 1, device=like.device)
+    window = torch.exp(-0.5 * (offsets.to(like.dtype) / sigma) ** 2)
+    window = window / window.sum()
+    columns = (torch.arange(size, device=like.device)[:, None] + offsets[None]).clamp(0, size - 1)
+    matrix = torch.zeros(size, size, dtype=like.dtype, device=like.device)
+    return matrix.scatter_add_(1, columns, window.expand(size, -1).contiguous())
+
+
+def gaussian_smooth(volume: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, X, Y, Z) (sigma in voxels, replicate borders), one matrix product per
+    axis: on a CPU about 10x faster than a depthwise conv3d of the same kernel."""
+    x, y, z = volume.shape[2:]
+    volume = torch.einsum("bcxyz,wz->bcxyw", volume, smoothing_matrix(z, sigma, volume))
+    volume = torch.einsum("bcxyz,wy->bcxwz", volume, smoothing_matrix(y, sigma, volume))
+    return torch.einsum("bcxyz,wx->bcwyz", volume, smoothing_matrix(x, sigma, volume))
 
 
 class Generator(nn.Module):
@@ -96,9 +174,12 @@ class Generator(nn.Module):
         super().__init__()
         self.size = resolve_size(size)
         self.heads = nn.ModuleDict()
+        if self.size.norm not in NORMS:
+            raise ValueError(f"unknown generator norm {self.size.norm!r}; choose one of {NORMS}")
         self.backbone = BasicUNet(
             spatial_dims=3, in_channels=HEAD_OUT_CHANNELS, out_channels=TENSOR_CHANNELS,
-            features=self.size.features, act="PReLU", norm="batch", dropout=self.size.dropout,
+            features=self.size.features, act="PReLU", norm="batch" if self.size.norm == "batch" else None,
+            dropout=self.size.dropout,
         )
         self._frozen_norm_names: tuple[str, ...] = ()
         for modality in modalities:
@@ -114,7 +195,8 @@ class Generator(nn.Module):
         in_channels = check_modality(modality)
         if modality not in self.heads:
             device = next(self.backbone.parameters()).device
-            self.heads[modality] = InputHead(in_channels, self.size.head_hidden).to(device)
+            self.heads[modality] = InputHead(in_channels, self.size.head_hidden, normalise=self.size.norm == "batch",
+                                             structure_scales=self.size.structure_scales).to(device)
         return self.heads[modality]
 
     def forward(self, x: torch.Tensor, modality: str) -> torch.Tensor:
@@ -148,9 +230,11 @@ class Generator(nn.Module):
         return self
 
 
-def build_generator(size: str | GeneratorSize, modalities: Iterable[str]) -> Generator:
-    """Build a generator of the named size ("reference", "small", "tiny") with one head per modality."""
-    generator = Generator(size, modalities)
+def build_generator(size: str | GeneratorSize, modalities: Iterable[str], **options) -> Generator:
+    """Build a generator of the named size ("reference", "small", "tiny") with one head per modality;
+    ``options`` replace fields of the size (``norm``, ``structure_scales``, ``dropout``)."""
+    resolved = resolve_size(size)
+    generator = Generator(dataclasses.replace(resolved, **options) if options else resolved, modalities)
     logger.debug("generator %s with heads %s: %d parameters", generator.size.name, generator.modalities,
                  count_parameters(generator))
     return generator

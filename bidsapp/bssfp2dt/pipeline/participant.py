@@ -32,6 +32,7 @@ from bssfp2dt.errors import Bssfp2dtError, MissingInputError, UsageError
 logger = logging.getLogger(__name__)
 
 DEFAULT_OVERLAP = 0.5  # fraction of the patch edge shared by neighbouring patches
+DEFAULT_PATCH_SIZE = 64  # voxels, for checkpoints that do not record their training patch
 PROBE_EDGE = 16  # voxels: edge of the patch whose forward pass sizes the sliding-window batch
 LOG_NAME = "participant.log"
 #: Stems (name before the first dot) of the dataset-level files: dataset_description.json, README.md, .bidsignore.
@@ -80,6 +81,7 @@ def run_participant(plan) -> int:
     configure_cpu_threads(config.resources.omp_nthreads)
     device = resolve_device(config.resources.device)
     model = load_model(config.selection.input_modality, config.model.model, device)
+    inference_patch_size(config, model)  # a patch the model cannot take stops the run before any preprocessing
     if not (config.paths.output_dir / "dataset_description.json").is_file():
         initialise_dataset(config.paths.output_dir, config.paths.bids_dir)
     succeeded, failed = [], []
@@ -208,29 +210,20 @@ def _has_input(session, modality: str) -> bool:
 
 
 def network_input(session, modality: str, normalization, mask: np.ndarray) -> np.ndarray:
-    """The generator's input (C, X, Y, Z) float32 from a preprocessed session, zero outside ``mask``.
-
-    ``pc-bssfp``: 24 interleaved magnitude/phase channels, each group normalised to [0, 1];
-    ``bssfp``: the first phase cycle repeated 12 times (same 24-channel contract);
-    ``t1w``: the normalised T1w replicated to 6 channels; ``dwi-tensor``: the normalised tensor (6).
-    """
+    """The generator's input (C, X, Y, Z) float32 from a preprocessed session, zero outside ``mask``
+    (:func:`bssfp2dt.preprocessing.network_input.network_channels`, which training uses too)."""
     from bssfp2dt.io.nifti import load_nifti
-    from bssfp2dt.preprocessing.bssfp import deinterleave_channels, interleave_channels, single_bssfp
-    from bssfp2dt.preprocessing.normalization import normalize_bssfp, normalize_tensor
-    from bssfp2dt.preprocessing.t1w import prepare_t1w
+    from bssfp2dt.preprocessing.network_input import network_channels
 
-    if modality in ("pc-bssfp", "bssfp"):
-        magnitude, phase = deinterleave_channels(load_nifti(session.bssfp)[0])
-        if modality == "bssfp":
-            magnitude, phase = single_bssfp(magnitude), single_bssfp(phase)
-        channels = interleave_channels(*normalize_bssfp(magnitude, phase, normalization, mask))
-    elif modality == "t1w":
-        channels = prepare_t1w(load_nifti(session.t1w)[0], mask, normalization)
-    elif modality == "dwi-tensor":
-        channels = normalize_tensor(load_nifti(session.tensor)[0], normalization, mask)
-    else:
+    return network_channels(load_nifti(modality_image(session, modality))[0], modality, normalization, mask)
+
+
+def modality_image(session, modality: str) -> Path:
+    """The preprocessed image of ``session`` that feeds ``modality``; UsageError for an unknown modality."""
+    paths = {"pc-bssfp": session.bssfp, "bssfp": session.bssfp, "t1w": session.t1w, "dwi-tensor": session.tensor}
+    if modality not in paths:
         raise UsageError(f"--input-modality {modality!r} has no network input")
-    return np.ascontiguousarray(np.moveaxis(channels, -1, 0), dtype=np.float32)
+    return paths[modality]
 
 
 def predict_tensor(config, session, model: LoadedModel, device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -248,7 +241,7 @@ def predict_tensor(config, session, model: LoadedModel, device) -> tuple[np.ndar
 
     mask_data, affine = load_nifti(session.brain_mask)
     mask = np.asarray(mask_data) > 0
-    patch_size = _patch_size(config, model)
+    patch_size = inference_patch_size(config, model)
     volume = network_input(session, model.modality, model.normalization, mask)
     generator = model.generator
     out_channels = model.metadata["contract"]["output_channels"]
@@ -275,9 +268,13 @@ def predict_tensor(config, session, model: LoadedModel, device) -> tuple[np.ndar
     return tensor, mask, affine
 
 
-def _patch_size(config, model: LoadedModel) -> int:
+def inference_patch_size(config, model: LoadedModel) -> int:
+    """Sliding-window patch edge (voxels): ``--patch-size``, else the patch the model was trained on (part of
+    its contract: a network sees the context it learned with), else 64; UsageError (exit 64) when the
+    model cannot take it."""
     multiple = int(model.metadata["contract"].get("patch_multiple", 1))
-    patch_size = int(config.model.patch_size)
+    trained = (model.metadata.get("config") or {}).get("patch_size")
+    patch_size = int(config.model.patch_size or trained or DEFAULT_PATCH_SIZE)
     if patch_size % multiple:
         raise UsageError(f"--patch-size {patch_size} is not a multiple of {multiple}, which this model needs; "
                          f"use e.g. {max(multiple, patch_size // multiple * multiple)}")

@@ -40,6 +40,7 @@ def run_training(plan) -> int:
     from bssfp2dt.inference.device import configure_cpu_threads
     from bssfp2dt.training import data
     from bssfp2dt.training.module import Bssfp2dtGAN
+    from bssfp2dt.training.recipes import get_recipe
     from bssfp2dt.training.stages import get_stage, stage_modality
     from bssfp2dt.training.trainer import best_checkpoint, build_trainer
 
@@ -48,14 +49,15 @@ def run_training(plan) -> int:
     stage = get_stage(settings.stage)
     modality = config.selection.input_modality
     input_modality = stage_modality(stage, modality)
-    patch_size = data.check_patch_size(config.model.patch_size)
+    recipe = get_recipe(settings.recipe)
+    patch_size = data.check_patch_size(config.model.patch_size or recipe.patch_size)
     started = time.time()
     L.seed_everything(settings.seed, workers=True, verbose=False)
 
     configure_cpu_threads(config.resources.omp_nthreads)
-    start = starting_point(stage, modality, settings.init_checkpoint, config.model.model_size)
+    start = starting_point(stage, modality, settings.init_checkpoint, config.model.model_size, recipe)
     run_dir = Path(config.paths.output_dir) / MODELS_FOLDER / f"{stage.name}-{input_modality}_{config.run.run_uuid}"
-    split, normalization, pairs = prepare_data(plan, input_modality, start)
+    split, normalization, pairs = prepare_data(plan, input_modality, start, recipe.tensor_transform)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     split.save(run_dir / "split.json")
@@ -63,13 +65,15 @@ def run_training(plan) -> int:
     datamodule = data.TrainingData(pairs["train"], pairs["validation"], input_modality, normalization,
                                    patch_size=patch_size, batch_size=config.model.batch_size,
                                    num_workers=queue_workers(config.resources.nprocs), seed=settings.seed, split=split,
-                                   cache_mb=cache_budget_mb(config.resources.mem_mb))
+                                   cache_mb=cache_budget_mb(config.resources.mem_mb), recipe=recipe)
     if stage.init_from is None and not start.resume:
         offset = data.mean_normalised_target(pairs["train"], normalization)
         start.generator.set_output_offset(offset)
         logger.info("output bias set to the mean normalised training tensor %s", np.array2string(offset, precision=3))
-    module = Bssfp2dtGAN(start.generator, stage, modality, seed=settings.seed, learning_rate=settings.learning_rate,
-                         perceptual_weights=settings.perceptual_weights, lr_schedule=settings.lr_schedule)
+    learning_rate = settings.learning_rate or (recipe.learning_rate if stage.init_from is None else None)
+    module = Bssfp2dtGAN(start.generator, stage, modality, seed=settings.seed, learning_rate=learning_rate,
+                         perceptual_weights=settings.perceptual_weights, lr_schedule=settings.lr_schedule,
+                         recipe=recipe)
     trainer = build_trainer(run_dir, max_epochs=settings.max_epochs, device=config.resources.device,
                             patience=settings.patience, progress_bar=True)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(start.path) if start.resume else None)
@@ -85,9 +89,10 @@ def run_training(plan) -> int:
     return 0
 
 
-def prepare_data(plan, input_modality: str, start: "StartingPoint"):
+def prepare_data(plan, input_modality: str, start: "StartingPoint", tensor_transform: str = "minmax"):
     """Preprocess every selected subject, split them (or reuse the resumed run's split), fit the
-    normalisation on the training subjects and pair the sessions.
+    normalisation on the training subjects (tensors in ``tensor_transform`` coordinates unless the starting
+    checkpoint fixes them) and pair the sessions.
 
     Returns ``(split, normalization, pairs)`` with ``pairs`` = {"train"|"validation"|"test": [TrainingPair]}.
     """
@@ -106,7 +111,7 @@ def prepare_data(plan, input_modality: str, start: "StartingPoint"):
         raise MissingInputError(f"--init-checkpoint {settings.init_checkpoint}: its split needs "
                                 f"sub-{', sub-'.join(missing)}, which are not selected or have no pairs; select them")
     normalization = start.normalization if start.resume else data.fit_training_normalization(
-        [usable[label] for label in split.train], start.normalization)
+        [usable[label] for label in split.train], start.normalization, tensor_transform)
     pairs = {part: data.pair_subjects([usable[label] for label in getattr(split, part) if label in usable],
                                       input_modality) for part in ("train", "validation", "test")}
     logger.info("split (seed %d): %d/%d/%d subjects, %d/%d/%d %s -> DWI pairs", split.seed, len(split.train),
@@ -153,8 +158,10 @@ class StartingPoint:
         self.resume = resume
 
 
-def starting_point(stage, modality: str, init_checkpoint: Path | None, model_size: str | None) -> StartingPoint:
-    """Build the stage's starting generator from nothing, a release checkpoint or a Lightning checkpoint."""
+def starting_point(stage, modality: str, init_checkpoint: Path | None, model_size: str | None,
+                   recipe=None) -> StartingPoint:
+    """Build the stage's starting generator from nothing (with the ``recipe``'s network options), a release
+    checkpoint or a Lightning checkpoint."""
     from bssfp2dt.preprocessing.normalization import Normalization
     from bssfp2dt.training.stages import initial_generator
 
@@ -162,7 +169,8 @@ def starting_point(stage, modality: str, init_checkpoint: Path | None, model_siz
         if init_checkpoint is not None and stage.init_from is None:
             raise UsageError(f"--train-stage {stage.name} starts from random weights; drop --init-checkpoint "
                              f"or give a {stage.name}-stage Lightning checkpoint (*.ckpt) to resume")
-        generator = initial_generator(stage, modality, model_size or DEFAULT_MODEL_SIZE, init_checkpoint)
+        generator = initial_generator(stage, modality, model_size or DEFAULT_MODEL_SIZE, init_checkpoint,
+                                      **generator_options(recipe))
         normalization = None
         if init_checkpoint is not None:
             from bssfp2dt.models.checkpoint import load_release_checkpoint
@@ -170,6 +178,16 @@ def starting_point(stage, modality: str, init_checkpoint: Path | None, model_siz
             normalization = Normalization.from_dict(load_release_checkpoint(init_checkpoint)[1]["normalization"])
         return StartingPoint(generator, normalization)
     return _from_lightning(stage, modality, Path(init_checkpoint))
+
+
+def generator_options(recipe) -> dict[str, Any]:
+    """The generator fields a recipe sets (none for the reference method's defaults)."""
+    if recipe is None or recipe.norm == "batch" and not recipe.structure_scales and recipe.dropout is None:
+        return {}
+    options: dict[str, Any] = {"norm": recipe.norm, "structure_scales": tuple(recipe.structure_scales)}
+    if recipe.dropout is not None:
+        options["dropout"] = recipe.dropout
+    return options
 
 
 def is_lightning_checkpoint(path: Path | str) -> bool:
@@ -205,7 +223,14 @@ def _from_lightning(stage, modality: str, path: Path) -> StartingPoint:
     heads = list(dict.fromkeys(key.split(".")[1] for key in weights if key.startswith("heads.")))
     if stage_modality(stage, modality) not in heads and resume:
         raise UsageError(f"--init-checkpoint {path} has no {stage_modality(stage, modality)} head")
-    generator = Generator(hyper["generator_size"], heads)
+    from dataclasses import replace
+
+    from bssfp2dt.models.generator import resolve_size
+
+    options = dict(hyper.get("generator_options") or {})
+    if "structure_scales" in options:
+        options["structure_scales"] = tuple(options["structure_scales"])
+    generator = Generator(replace(resolve_size(hyper["generator_size"]), **options), heads)
     generator.load_state_dict(weights, strict=True)
     split = data.Split.from_dict(state["split"]) if resume and state.get("split") else None
     logger.info("starting from %s (%s stage%s)", path, written_by, ", resuming" if resume else "")

@@ -24,6 +24,7 @@ DIAGONAL = (0, 3, 5)
 OFF_DIAGONAL = (1, 2, 4)
 #: Groups a :class:`Normalization` can hold, in their serialised order.
 GROUPS = ("magnitude", "phase", "tensor_diagonal", "tensor_offdiagonal", "t1w")
+TENSOR_TRANSFORMS = ("minmax", "log")
 FORMAT_VERSION = 1
 
 
@@ -50,6 +51,9 @@ class Normalization:
         tensor_offdiagonal: D12, D13, D23 (mm^2/s).
         t1w: T1w intensity (scanner units).
         percentiles: the (low, high) percentiles the ranges were fitted with ((0, 100) = min/max).
+        tensor_transform: how tensors become network values: ``"minmax"`` (the reference method: diagonal
+            and off-diagonal ranges to [0, 1]) or ``"log"`` (log-Euclidean coordinates logm(D / 1e-3 mm^2/s),
+            see :mod:`bssfp2dt.dti.logeuclid`; the ranges are then not used for tensors).
     """
 
     magnitude: Range | None = None
@@ -58,10 +62,16 @@ class Normalization:
     tensor_offdiagonal: Range | None = None
     t1w: Range | None = None
     percentiles: tuple[float, float] = field(default=(0.0, 100.0))
+    tensor_transform: str = "minmax"
+
+    def __post_init__(self):
+        if self.tensor_transform not in TENSOR_TRANSFORMS:
+            raise UsageError(f"unknown tensor transform {self.tensor_transform!r}; use one of {TENSOR_TRANSFORMS}")
 
     def to_dict(self) -> dict:
         """JSON-able dict: ``{"version", "percentiles", "<group>": {"low", "high"} | None}``."""
-        payload = {"version": FORMAT_VERSION, "percentiles": [float(p) for p in self.percentiles]}
+        payload = {"version": FORMAT_VERSION, "percentiles": [float(p) for p in self.percentiles],
+                   "tensor_transform": self.tensor_transform}
         for group in GROUPS:
             value = getattr(self, group)
             payload[group] = None if value is None else {"low": float(value.low), "high": float(value.high)}
@@ -80,7 +90,8 @@ class Normalization:
             low, high = payload.get("percentiles", (0.0, 100.0))
         except (KeyError, TypeError, ValueError) as error:
             raise UsageError(f"malformed normalisation parameters ({error}): refit them") from error
-        return cls(percentiles=(float(low), float(high)), **groups)
+        return cls(percentiles=(float(low), float(high)), tensor_transform=payload.get("tensor_transform", "minmax"),
+                   **groups)
 
     def save(self, path: Path | str) -> Path:
         """Write the parameters to a JSON file (atomically)."""
@@ -249,10 +260,18 @@ def normalize_t1w(t1w: np.ndarray, params: Normalization, mask: np.ndarray | Non
 
 def normalize_tensor(tensor: np.ndarray, params: Normalization, mask: np.ndarray | None = None,
                      **options) -> np.ndarray:
-    """Tensor ``(X, Y, Z, 6)`` (mm^2/s, BEP016 order): diagonal and off-diagonal separately to [0, 1]."""
+    """Tensor ``(X, Y, Z, 6)`` (mm^2/s, BEP016 order) -> network values: diagonal and off-diagonal separately to
+    [0, 1] (``minmax``) or log-Euclidean coordinates (``log``); zero outside ``mask`` either way."""
     tensor = np.asarray(tensor)
     if tensor.shape[-1] != 6:
         raise UsageError(f"a tensor volume needs 6 components on its last axis, got {tensor.shape}")
+    if params.tensor_transform == "log":
+        from bssfp2dt.dti.logeuclid import log_tensor
+
+        values = log_tensor(tensor)
+        if mask is not None:
+            values = values * _broadcast_mask(mask, values.ndim)
+        return values.astype(options.get("dtype", np.float32))
     out = np.empty(tensor.shape, dtype=options.get("dtype", np.float32))
     out[..., DIAGONAL] = apply_range(tensor[..., DIAGONAL], params.require("tensor_diagonal"), mask,
                                      name="tensor diagonal", **options)
@@ -263,10 +282,15 @@ def normalize_tensor(tensor: np.ndarray, params: Normalization, mask: np.ndarray
 
 def denormalize_tensor(normalised: np.ndarray, params: Normalization,
                        mask: np.ndarray | None = None) -> np.ndarray:
-    """Exact inverse of :func:`normalize_tensor`: ``(X, Y, Z, 6)`` in [0, 1] -> mm^2/s (float64)."""
+    """Exact inverse of :func:`normalize_tensor`: ``(X, Y, Z, 6)`` network values -> mm^2/s (float64)."""
     normalised = np.asarray(normalised)
     if normalised.shape[-1] != 6:
         raise UsageError(f"a tensor volume needs 6 components on its last axis, got {normalised.shape}")
+    if params.tensor_transform == "log":
+        from bssfp2dt.dti.logeuclid import exp_tensor
+
+        values = exp_tensor(normalised)
+        return values if mask is None else values * _broadcast_mask(mask, values.ndim)
     out = np.empty(normalised.shape, dtype=np.float64)
     out[..., DIAGONAL] = invert_range(normalised[..., DIAGONAL], params.require("tensor_diagonal"), mask)
     out[..., OFF_DIAGONAL] = invert_range(normalised[..., OFF_DIAGONAL], params.require("tensor_offdiagonal"), mask)

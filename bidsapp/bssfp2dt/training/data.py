@@ -33,7 +33,9 @@ from torch.utils.data import DataLoader, Sampler
 from bssfp2dt.errors import UsageError
 from bssfp2dt.models.generator import MODALITY_CHANNELS, PATCH_MULTIPLE, TENSOR_CHANNELS
 from bssfp2dt.preprocessing import normalization as norm
-from bssfp2dt.preprocessing.bssfp import deinterleave_channels, interleave_channels, single_bssfp
+from bssfp2dt.preprocessing.bssfp import deinterleave_channels
+from bssfp2dt.preprocessing.network_input import network_channels
+from bssfp2dt.training.recipes import RECIPES, Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +54,9 @@ class TrainingPair:
     """One (input session, DWI session) pair of a subject; paths of float32 NIfTIs on the common grid.
 
     ``input_path``: bSSFP (X, Y, Z, 24), T1w (X, Y, Z) or tensor (X, Y, Z, 6); ``target_path``: tensor
-    (X, Y, Z, 6) in mm^2/s; ``mask_paths``: the brain masks of both sessions (intersected).
+    (X, Y, Z, 6) in mm^2/s; ``mask_paths``: the brain masks of both sessions (intersected);
+    ``white_matter_path``: the WM probability (X, Y, Z) on the same grid (loss weights, patch sampling and
+    white-matter validation metrics), or None.
     """
 
     subject: str
@@ -61,6 +65,7 @@ class TrainingPair:
     input_path: Path
     target_path: Path
     mask_paths: tuple[Path, ...]
+    white_matter_path: Path | None = None
 
     def describe(self) -> str:
         return f"sub-{self.subject} ses-{self.input_session} -> ses-{self.target_session}"
@@ -96,7 +101,8 @@ def pair_sessions(subject, modality: str) -> list[TrainingPair]:
                                "paired", subject.subject, source.session, target.session)
                 continue
             pairs.append(TrainingPair(subject.subject, source.session, target.session, Path(path),
-                                      Path(target.tensor), (Path(source.brain_mask), Path(target.brain_mask))))
+                                      Path(target.tensor), (Path(source.brain_mask), Path(target.brain_mask)),
+                                      Path(source.wm)))
     return pairs
 
 
@@ -201,12 +207,14 @@ def _merge(first: norm.Range | None, second: norm.Range | None) -> norm.Range | 
     return norm.Range(min(first.low, second.low), max(first.high, second.high))
 
 
-def fit_training_normalization(subjects: Iterable, base: norm.Normalization | None = None) -> norm.Normalization:
+def fit_training_normalization(subjects: Iterable, base: norm.Normalization | None = None,
+                               tensor_transform: str = "minmax") -> norm.Normalization:
     """Dataset-wide min/max ranges (the reference method) over the training subjects' in-mask voxels.
 
     Fitted session by session and merged (min of lows, max of highs), so memory stays one session.
     Groups already in ``base`` (e.g. the tensor ranges of the checkpoint a stage starts from) are kept
-    unchanged, since the network learned to produce that scale; only missing groups are fitted.
+    unchanged, since the network learned to produce that scale; only missing groups are fitted; so is
+    ``base``'s tensor transform (otherwise ``tensor_transform``, see :class:`Normalization`).
     ``subjects``: PreprocessedSubject objects of the training split.
     """
     base = base or norm.Normalization()
@@ -231,7 +239,8 @@ def fit_training_normalization(subjects: Iterable, base: norm.Normalization | No
                 fitted[group] = _merge(fitted[group], getattr(ranges, group))
     groups = {group: getattr(base, group) if getattr(base, group) is not None else fitted[group]
               for group in norm.GROUPS}
-    return norm.Normalization(percentiles=base.percentiles, **groups)
+    transform = base.tensor_transform if base.tensor_diagonal is not None else tensor_transform
+    return norm.Normalization(percentiles=base.percentiles, tensor_transform=transform, **groups)
 
 
 def mean_normalised_target(pairs: Sequence[TrainingPair], normalization: norm.Normalization) -> np.ndarray:
@@ -265,7 +274,9 @@ def mask_bounding_box(mask: np.ndarray, margin: int = 2) -> tuple[tuple[int, int
 class VolumeReader:
     """TorchIO reader (``path -> (C, X, Y, Z) float32 tensor, affine``) for one role of one pair.
 
-    ``role``: "input", "target" or "mask"; ``modality``: the input modality; ``normalization``: the
+    ``role``: "input", "target", "mask", "wm" (white-matter probability, 0 outside the mask) or "sampling" (patch-
+    centre probabilities: ``white_matter_patches`` of the mass on WM voxels, p > 0.5, the rest spread over the
+    brain); ``modality``: the input modality; ``normalization``: the
     :meth:`Normalization.to_dict` ranges; the volume is cropped to ``box`` and zero-padded at the far end
     to at least ``min_shape``. A picklable dataclass so queue workers can load lazily.
     """
@@ -276,12 +287,15 @@ class VolumeReader:
     mask_paths: tuple[Path, ...]
     box: tuple[tuple[int, int], ...]
     min_shape: tuple[int, int, int]
+    white_matter_patches: float = 0.0
 
     def __call__(self, path) -> tuple[torch.Tensor, np.ndarray]:
         image = nib.load(str(path))
         mask = self.mask()
         if self.role == "mask":
             channels = mask[None].astype(np.float32)
+        elif self.role in ("wm", "sampling"):
+            channels = self.white_matter(np.asarray(image.dataobj, dtype=np.float32), mask)[None]
         else:
             channels = self.normalised(np.asarray(image.dataobj, dtype=np.float32), mask)
         slices = tuple(slice(a, b) for a, b in self.box)
@@ -296,41 +310,48 @@ class VolumeReader:
         masks = [_load(path) > 0 for path in self.mask_paths]
         return np.logical_and.reduce(masks)
 
+    def white_matter(self, probability: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The WM probability (role "wm") or the patch-centre probabilities (role "sampling"), (X, Y, Z)."""
+        probability = np.clip(np.nan_to_num(probability), 0.0, 1.0) * mask
+        if self.role == "wm":
+            return probability.astype(np.float32)
+        brain, white = mask.astype(np.float64), (probability > 0.5).astype(np.float64)
+        fraction = self.white_matter_patches if white.any() else 0.0
+        sampling = (1.0 - fraction) * brain / max(brain.sum(), 1.0) + fraction * white / max(white.sum(), 1.0)
+        return sampling.astype(np.float32)
+
     def normalised(self, volume: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """The network channels (C, X, Y, Z) in [0, 1], zero outside ``mask``."""
         params = norm.Normalization.from_dict(self.normalization)
-        if self.role == "target" or self.modality == "dwi-tensor":
-            channels = norm.normalize_tensor(volume, params, mask)
-        elif self.modality in ("pc-bssfp", "bssfp"):
-            magnitude, phase = deinterleave_channels(volume)
-            if self.modality == "bssfp":  # idempotent when preprocessing already wrote the single variant
-                magnitude, phase = single_bssfp(magnitude, magnitude.shape[-1]), single_bssfp(phase, phase.shape[-1])
-            channels = interleave_channels(*norm.normalize_bssfp(magnitude, phase, params, mask))
-        elif self.modality == "t1w":
-            t1w = norm.normalize_t1w(volume, params, mask)
-            channels = np.repeat(t1w[..., None], MODALITY_CHANNELS["t1w"], axis=-1)
+        if self.role == "target":
+            channels = np.moveaxis(norm.normalize_tensor(volume, params, mask), -1, 0)
         else:
-            raise UsageError(f"--input-modality {self.modality!r} cannot be trained")
+            channels = network_channels(volume, self.modality, params, mask)
         expected = TENSOR_CHANNELS if self.role == "target" else MODALITY_CHANNELS[self.modality]
-        if channels.shape[-1] != expected:
-            raise UsageError(f"{self.role} volume has {channels.shape[-1]} channels, {self.modality} needs "
+        if channels.shape[0] != expected:
+            raise UsageError(f"{self.role} volume has {channels.shape[0]} channels, {self.modality} needs "
                              f"{expected}; rerun the preprocessing")
-        return np.moveaxis(channels.astype(np.float32), -1, 0)
+        return channels.astype(np.float32)
 
 
 def pair_subject(pair: TrainingPair, modality: str, normalization: norm.Normalization,
-                 patch_size: int) -> tio.Subject:
-    """The lazy TorchIO subject of ``pair``: ``input``, ``target`` (ScalarImage) and ``mask`` (LabelMap)."""
+                 patch_size: int, white_matter_patches: float = 0.0) -> tio.Subject:
+    """The lazy TorchIO subject of ``pair``: ``input``, ``target`` (ScalarImage) and ``mask`` (LabelMap), plus
+    ``wm`` and ``sampling`` (ScalarImage) when the pair has a white-matter map. The crop box is padded at the
+    far end to at least ``patch_size`` and to a multiple of ``PATCH_MULTIPLE`` (whole-volume validation)."""
     mask = np.logical_and.reduce([_load(path) > 0 for path in pair.mask_paths])
     box = mask_bounding_box(mask)
+    min_shape = tuple(max(patch_size, -(-(b - a) // PATCH_MULTIPLE) * PATCH_MULTIPLE) for a, b in box)
     common = dict(modality=modality, normalization=normalization.to_dict(), mask_paths=pair.mask_paths,
-                  box=box, min_shape=(patch_size,) * 3)
-    return tio.Subject(
-        input=tio.ScalarImage(pair.input_path, reader=VolumeReader("input", **common)),
-        target=tio.ScalarImage(pair.target_path, reader=VolumeReader("target", **common)),
-        mask=tio.LabelMap(pair.mask_paths[-1], reader=VolumeReader("mask", **common)),
-        subject=pair.subject, input_session=str(pair.input_session), target_session=str(pair.target_session),
-    )
+                  box=box, min_shape=min_shape, white_matter_patches=white_matter_patches)
+    images = dict(input=tio.ScalarImage(pair.input_path, reader=VolumeReader("input", **common)),
+                  target=tio.ScalarImage(pair.target_path, reader=VolumeReader("target", **common)),
+                  mask=tio.LabelMap(pair.mask_paths[-1], reader=VolumeReader("mask", **common)))
+    if pair.white_matter_path is not None:
+        images["wm"] = tio.ScalarImage(pair.white_matter_path, reader=VolumeReader("wm", **common))
+        images["sampling"] = tio.ScalarImage(pair.white_matter_path, reader=VolumeReader("sampling", **common))
+    return tio.Subject(**images, subject=pair.subject, input_session=str(pair.input_session),
+                       target_session=str(pair.target_session))
 
 
 def estimated_bytes(subject: tio.Subject) -> int:
@@ -339,7 +360,8 @@ def estimated_bytes(subject: tio.Subject) -> int:
     for image in subject.get_images(intensity_only=False):
         reader = image.reader
         side = [max(b - a, want) for (a, b), want in zip(reader.box, reader.min_shape)]
-        channels = {"mask": 1, "target": TENSOR_CHANNELS}.get(reader.role, MODALITY_CHANNELS[reader.modality])
+        channels = {"mask": 1, "wm": 1, "sampling": 1, "target": TENSOR_CHANNELS}.get(
+            reader.role, MODALITY_CHANNELS[reader.modality])
         total += 4 * channels * int(np.prod(side))
     return total
 
@@ -349,9 +371,52 @@ def volume_bytes(subject: tio.Subject) -> int:
     return sum(image.data.element_size() * image.data.numel() for image in subject.get_images(intensity_only=False))
 
 
-def augmentation() -> tio.Compose:
-    """Input-only augmentation of the reference method: bias field (p 0.25), Gaussian noise std 0-0.01 (p 0.25)."""
-    return tio.Compose([tio.RandomBiasField(p=0.25, include=["input"]),
+BIAS_FIELD_COEFFICIENTS = 0.15  # a smooth field of about x0.8-x1.2, as a receive coil gives; never on phase
+
+
+class MagnitudeBiasField(tio.transforms.Transform):
+    """Multiply the intensity channels of ``input`` (bSSFP magnitudes, T1w) by one random smooth field
+    (TorchIO's polynomial bias field, order 3, coefficients in +-``BIAS_FIELD_COEFFICIENTS``) with
+    probability ``p``; bSSFP phase channels (odd indices of the interleaved 24) stay untouched, since a
+    phase is not an intensity, and the tensor target is never touched."""
+
+    def __init__(self, modality: str, p: float = 0.25, coefficients: float = BIAS_FIELD_COEFFICIENTS, **kwargs):
+        super().__init__(p=p, **kwargs)
+        self.modality = modality
+        self.coefficients = coefficients
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        image = subject["input"]
+        data = image.data
+        channels = (list(range(0, data.shape[0], 2)) if self.modality in ("pc-bssfp", "bssfp")
+                    else list(range(data.shape[0])) if self.modality == "t1w" else [])
+        updated = data.clone()
+        updated[channels] = data[channels] * polynomial_bias_field(data.shape[1:], self.coefficients)
+        image.set_data(updated)
+        return subject
+
+
+def polynomial_bias_field(shape, coefficients: float, order: int = 3) -> torch.Tensor:
+    """exp(sum_ijk c_ijk x^i y^j z^k), i + j + k <= ``order``, on coordinates in [-1, 1], with c_ijk uniform in
+    +-``coefficients`` from torch's global generator (the queue seeds it): TorchIO's bias-field model,
+    (X, Y, Z) float32."""
+    axes = [torch.linspace(-1.0, 1.0, int(n)) for n in shape]
+    x, y, z = torch.meshgrid(*axes, indexing="ij")
+    log_field = torch.zeros(tuple(int(n) for n in shape))
+    for i in range(order + 1):
+        for j in range(order + 1 - i):
+            for k in range(order + 1 - i - j):
+                coefficient = (2.0 * torch.rand(()) - 1.0) * coefficients
+                log_field += coefficient * x ** i * y ** j * z ** k
+    return torch.exp(log_field)
+
+
+def augmentation(modality: str, kind: str = "input") -> tio.Compose | None:
+    """Input-only augmentation: ``"input"`` (the reference method's bias field, here on intensity channels only
+    with realistic coefficients, p 0.25, and Gaussian noise std 0-0.01, p 0.25) or ``"none"``."""
+    if kind == "none":
+        return None
+    return tio.Compose([MagnitudeBiasField(modality, p=0.25),
                         tio.RandomNoise(std=(0.0, 0.01), p=0.25, include=["input"])])
 
 
@@ -401,8 +466,15 @@ class SeededQueue(tio.Queue):
 
 
 def collate_patches(patches: list[dict]) -> dict[str, torch.Tensor]:
-    """TorchIO patches -> {"input": (B, C, P, P, P), "target": (B, 6, P, P, P), "mask": (B, 1, P, P, P)}."""
-    return {key: torch.stack([patch[key][tio.DATA] for patch in patches]) for key in ("input", "target", "mask")}
+    """TorchIO patches -> {"input": (B, C, P, P, P), "target": (B, 6, P, P, P), "mask": (B, 1, P, P, P)},
+    plus "wm" (B, 1, P, P, P) when the patches carry a white-matter map."""
+    keys = ("input", "target", "mask") + (("wm",) if "wm" in patches[0] else ())
+    return {key: torch.stack([patch[key][tio.DATA] for patch in patches]) for key in keys}
+
+
+def collate_volumes(subjects: list[tio.Subject]) -> dict[str, torch.Tensor]:
+    """Whole TorchIO subjects (loaded on access) -> the :func:`collate_patches` layout."""
+    return collate_patches([{key: subject[key] for key in subject.get_images_names()} for subject in subjects])
 
 
 class TrainingData(L.LightningDataModule):
@@ -421,8 +493,9 @@ class TrainingData(L.LightningDataModule):
                  num_workers: int = 0, seed: int = 0, split: Split | None = None,
                  samples_per_volume: int = SAMPLES_PER_VOLUME, max_length: int = QUEUE_MAX_LENGTH,
                  validation_samples_per_volume: int = VALIDATION_SAMPLES_PER_VOLUME,
-                 cache_mb: float = DEFAULT_CACHE_MB):
+                 cache_mb: float = DEFAULT_CACHE_MB, recipe: Recipe | None = None):
         super().__init__()
+        self.recipe = recipe or RECIPES["reference"]
         if not train_pairs:
             raise UsageError("no training pair: the training subjects have no input session with a DWI session")
         self.train_pairs = list(train_pairs)
@@ -448,7 +521,8 @@ class TrainingData(L.LightningDataModule):
         """Load and normalise ``pair`` once and keep it while the cache has room (``cache_mb``): reading and
         normalising a 24-channel session takes seconds, as long as training on all of its patches on a CPU.
         Subjects that do not fit stay lazy (read again by the queue's workers each epoch)."""
-        subject = pair_subject(pair, self.modality, self.normalization, self.patch_size)
+        subject = pair_subject(pair, self.modality, self.normalization, self.patch_size,
+                               self.recipe.white_matter_patches)
         used = sum(volume_bytes(cached) for cached in self._cache.values())
         if used + estimated_bytes(subject) > self.cache_bytes:
             return subject
@@ -457,11 +531,15 @@ class TrainingData(L.LightningDataModule):
         return subject
 
     def train_queue(self, epoch: int) -> SeededQueue:
-        """The training queue of ``epoch``: shuffled subjects, uniform patches, augmentation."""
-        dataset = tio.SubjectsDataset(self.subjects(self.train_pairs), transform=augmentation())
+        """The training queue of ``epoch``: shuffled subjects, patches (uniform, or weighted towards white
+        matter by the recipe), the recipe's augmentation."""
+        dataset = tio.SubjectsDataset(self.subjects(self.train_pairs),
+                                      transform=augmentation(self.modality, self.recipe.augmentation))
+        weighted = self.recipe.white_matter_patches > 0 and all(p.white_matter_path for p in self.train_pairs)
+        sampler = (tio.WeightedSampler(self.patch_size, probability_map="sampling") if weighted
+                   else tio.UniformSampler(self.patch_size))
         return SeededQueue(dataset, self.seed * _EPOCH_STRIDE + epoch, True, max_length=self.max_length,
-                           samples_per_volume=self.samples_per_volume,
-                           sampler=tio.UniformSampler(self.patch_size), num_workers=self.num_workers)
+                           samples_per_volume=self.samples_per_volume, sampler=sampler, num_workers=self.num_workers)
 
     def validation_queue(self) -> SeededQueue:
         """The fixed validation patches: same subjects order, positions and values every epoch."""
@@ -480,6 +558,10 @@ class TrainingData(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.validation_pairs:
             return []
+        if self.recipe.validation == "volumes":
+            # Whole cropped volumes, one per batch: the white-matter errors need every WM voxel of a subject.
+            return DataLoader(self.subjects(self.validation_pairs), batch_size=1, num_workers=0,
+                              collate_fn=collate_volumes)
         return DataLoader(self.validation_queue(), batch_size=self.batch_size, num_workers=0,
                           collate_fn=collate_patches)
 

@@ -194,3 +194,99 @@ class GeneratorLoss:
         }
         terms["total"] = sum(getattr(self.weights, name) * value for name, value in terms.items())
         return terms
+
+
+# --------------------------------------------------------------------------- log-Euclidean tensor loss
+#: Frobenius weights of the BEP016 components: each off-diagonal element appears twice in the matrix.
+FROBENIUS_WEIGHTS = (1.0, 2.0 ** 0.5, 2.0 ** 0.5, 1.0, 2.0 ** 0.5, 1.0)
+DIAGONAL_COMPONENTS = (0, 3, 5)
+
+
+@dataclass(frozen=True)
+class TensorLossWeights:
+    """Weights of the log-Euclidean tensor loss (dimensionless).
+
+    ``components``: Huber loss of the Frobenius difference of the log-tensors (orientation, anisotropy
+    and MD at once); ``anisotropy``: Huber loss of the difference of the deviatoric norms, which does not
+    depend on the direction, so an isotropic hedge costs as much as the anisotropy it hides even while the
+    direction is still uncertain; ``white_matter``: weight of a pure white-matter voxel relative to any
+    other brain voxel (fibre directions live there); ``huber_delta``: where the Huber loss turns linear
+    (log units: 0.1 is a 10 % diffusivity error). Voxels outside the brain mask never count.
+    """
+
+    components: float = 1.0
+    anisotropy: float = 1.0
+    white_matter: float = 3.0
+    huber_delta: float = 0.1
+
+
+def deviatoric_norm(log_tensor: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm (B, 1, ...) of the deviatoric part L - tr(L)/3 I of log-tensors (B, 6, ...)."""
+    trace = log_tensor[:, 0:1] + log_tensor[:, 3:4] + log_tensor[:, 5:6]
+    diagonal = log_tensor[:, list(DIAGONAL_COMPONENTS)] - trace / 3.0
+    off = log_tensor[:, [1, 2, 4]]
+    return torch.sqrt((diagonal ** 2).sum(dim=1, keepdim=True) + 2.0 * (off ** 2).sum(dim=1, keepdim=True) + 1e-12)
+
+
+def voxel_weights(mask: torch.Tensor, white_matter: torch.Tensor | None, factor: float) -> torch.Tensor:
+    """(B, 1, ...) loss weights: 0 outside the brain, 1 + (factor - 1) p_WM inside."""
+    weights = (mask > 0).to(torch.float32)
+    if white_matter is not None:
+        weights = weights * (1.0 + (factor - 1.0) * white_matter.clamp(0.0, 1.0))
+    return weights
+
+
+class TensorLoss:
+    """Masked, white-matter-weighted Huber losses on log-Euclidean tensors (see ``dti.logeuclid``).
+
+    ``__call__(prediction, target, mask, white_matter)`` with prediction/target (B, 6, X, Y, Z) log-tensors,
+    mask and white_matter (B, 1, X, Y, Z) returns the terms ``components``, ``anisotropy`` and ``total``.
+    """
+
+    def __init__(self, weights: TensorLossWeights = TensorLossWeights()):
+        self.weights = weights
+        self.frobenius = torch.tensor(FROBENIUS_WEIGHTS).reshape(1, 6, 1, 1, 1)
+
+    def __call__(self, prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                 white_matter: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        weights = voxel_weights(mask, white_matter, self.weights.white_matter)
+        total_weight = weights.sum().clamp_min(1.0)
+        frobenius = self.frobenius.to(prediction)
+        delta = self.weights.huber_delta
+        components = F.huber_loss(prediction * frobenius, target * frobenius, reduction="none", delta=delta)
+        anisotropy = F.huber_loss(deviatoric_norm(prediction), deviatoric_norm(target), reduction="none", delta=delta)
+        terms = {"components": (components.sum(dim=1, keepdim=True) * weights).sum() / total_weight,
+                 "anisotropy": (anisotropy * weights).sum() / total_weight}
+        terms["total"] = self.weights.components * terms["components"] + self.weights.anisotropy * terms["anisotropy"]
+        return terms
+
+
+def log_tensor_errors(prediction: torch.Tensor, target: torch.Tensor, region: torch.Tensor,
+                      scale: float = 1e-3) -> dict[str, torch.Tensor]:
+    """Medians over ``region`` of the errors that matter for a tensor, from log-tensors (B, 6, ...).
+
+    Returns ``v1_angle`` (degrees, sign-invariant angle between principal eigenvectors), ``fa_error`` and
+    ``md_error`` (|pred - ref| / ref), ``fa_ratio`` (pred / ref FA); NaN when ``region`` (B, 1, ...) is empty.
+    """
+    selected = region[:, 0] > 0
+    if not selected.any():
+        nan = prediction.new_tensor(float("nan"))
+        return {"v1_angle": nan, "fa_error": nan, "md_error": nan, "fa_ratio": nan}
+    maps = [_eigen_maps(volume.movedim(1, -1)[selected], scale) for volume in (prediction.detach(), target)]
+    (fa_p, md_p, v1_p), (fa_t, md_t, v1_t) = maps
+    cosine = (v1_p * v1_t).sum(dim=-1).abs().clamp(max=1.0)
+    median = lambda values: torch.quantile(values, 0.5)  # noqa: E731  (numpy's median: the mean of the middle two)
+    return {"v1_angle": median(torch.rad2deg(torch.acos(cosine))),
+            "fa_error": median((fa_p - fa_t).abs() / fa_t.clamp_min(1e-3)),
+            "md_error": median((md_p - md_t).abs() / md_t.clamp_min(1e-9)),
+            "fa_ratio": median(fa_p / fa_t.clamp_min(1e-3))}
+
+
+def _eigen_maps(log6: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FA (N,), MD (N,) in mm^2/s and V1 (N, 3) of log-tensors (N, 6) (float64 eigen-decomposition)."""
+    matrix = log6.to(torch.float64)[:, [0, 1, 2, 1, 3, 4, 2, 4, 5]].reshape(-1, 3, 3)
+    values, vectors = torch.linalg.eigh(matrix)  # ascending
+    diffusivities = scale * torch.exp(values.clamp(-30, 30))
+    md = diffusivities.mean(dim=-1)
+    fa = torch.sqrt(1.5 * ((diffusivities - md[:, None]) ** 2).sum(-1) / (diffusivities ** 2).sum(-1).clamp_min(1e-30))
+    return fa, md, vectors[:, :, -1]

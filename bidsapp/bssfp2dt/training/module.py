@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -30,7 +31,10 @@ import torch.nn.functional as F
 from bssfp2dt.models.checkpoint import save_release_checkpoint
 from bssfp2dt.models.discriminator import build_discriminator
 from bssfp2dt.models.generator import Generator
-from bssfp2dt.training.losses import GeneratorLoss, LossWeights, discriminator_loss
+from bssfp2dt.training.losses import (
+    GeneratorLoss, LossWeights, TensorLoss, TensorLossWeights, discriminator_loss, log_tensor_errors,
+)
+from bssfp2dt.training.recipes import RECIPES, Recipe
 from bssfp2dt.training.stages import Stage, apply_stage, get_stage, stage_modality
 
 logger = logging.getLogger(__name__)
@@ -38,6 +42,10 @@ logger = logging.getLogger(__name__)
 _SEED_STRIDE = 1_000_003  # a prime, so (seed, step) pairs give distinct per-step seeds
 LR_SCHEDULES = ("constant", "cosine")
 COSINE_FINAL_FRACTION = 0.01  # the cosine schedule ends at 1 % of the starting rate
+VALIDATION_WM_PROBABILITY = 0.8  # white matter for the validation errors: pipeline WM probability above this
+#: Weights of the white-matter errors in ``val_loss`` of volume validation: 30 degrees of V1 angle count as
+#: much as an FA error of 1 or an MD error of 10 %.
+SCORE_WEIGHTS = {"v1_angle": 1.0 / 30.0, "fa_error": 1.0, "md_error": 10.0}
 
 
 class Bssfp2dtGAN(L.LightningModule):
@@ -54,17 +62,21 @@ class Bssfp2dtGAN(L.LightningModule):
                  discriminator_size: str | None = None, loss_weights: LossWeights = LossWeights(),
                  perceptual_weights: Path | str | None = None, learning_rate: float | None = None,
                  weight_decay: float = 1e-2, data_range: float = 1.0, seed: int = 0,
-                 lr_schedule: str = "constant"):
+                 lr_schedule: str = "constant", recipe: Recipe | str = "reference",
+                 tensor_loss_weights: TensorLossWeights = TensorLossWeights()):
         super().__init__()
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"unknown learning-rate schedule {lr_schedule!r}; choose one of {LR_SCHEDULES}")
         self.automatic_optimization = False
+        self.recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
         self.stage = get_stage(stage) if isinstance(stage, str) else stage
         self.input_modality = stage_modality(self.stage, modality)
         self.generator = generator
         self.trainable_generator_parameters = apply_stage(generator, self.stage, modality)
-        self.discriminator = build_discriminator(discriminator_size or generator.size.name, [self.input_modality])
+        self.discriminator = (build_discriminator(discriminator_size or generator.size.name, [self.input_modality])
+                              if self.recipe.adversarial else None)
         self.loss = GeneratorLoss(loss_weights, perceptual_weights, data_range)
+        self.tensor_loss = TensorLoss(tensor_loss_weights)
         self.learning_rate = learning_rate if learning_rate is not None else self.stage.learning_rate
         self.weight_decay = weight_decay
         self.data_range = data_range
@@ -76,7 +88,9 @@ class Bssfp2dtGAN(L.LightningModule):
             "discriminator_size": discriminator_size, "loss_weights": dataclasses.asdict(loss_weights),
             "perceptual_weights": None if perceptual_weights is None else str(perceptual_weights),
             "learning_rate": self.learning_rate, "weight_decay": weight_decay, "data_range": data_range,
-            "seed": seed, "lr_schedule": lr_schedule,
+            "seed": seed, "lr_schedule": lr_schedule, "recipe": self.recipe.name,
+            "generator_options": {"norm": generator.size.norm, "structure_scales": list(generator.size.structure_scales),
+                                  "dropout": generator.size.dropout},
         })
 
     def forward(self, source: torch.Tensor) -> torch.Tensor:
@@ -86,6 +100,9 @@ class Bssfp2dtGAN(L.LightningModule):
     def configure_optimizers(self):
         generator_optimiser = torch.optim.AdamW(self.trainable_generator_parameters, lr=self.learning_rate,
                                                 weight_decay=self.weight_decay)
+        if self.discriminator is None:
+            return [generator_optimiser], [{"scheduler": torch.optim.lr_scheduler.LambdaLR(
+                generator_optimiser, self._step_factor), "interval": "step"}]
         discriminator_optimiser = torch.optim.AdamW(self.discriminator.parameters(), lr=self.learning_rate,
                                                     weight_decay=self.weight_decay)
         optimisers = [generator_optimiser, discriminator_optimiser]
@@ -96,14 +113,32 @@ class Bssfp2dtGAN(L.LightningModule):
             for optimiser in optimisers]
         return optimisers, schedulers
 
+    def _step_factor(self, step: int) -> float:
+        """Learning-rate factor of batch ``step`` (no discriminator): linear warm-up over the recipe's
+        ``warmup_steps``, then constant or a half cosine to ``COSINE_FINAL_FRACTION`` at the last batch."""
+        warmup = min(1.0, (step + 1) / max(1, self.recipe.warmup_steps))
+        if self.lr_schedule == "constant":
+            return warmup
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+        progress = min(1.0, step / total)
+        return warmup * (COSINE_FINAL_FRACTION + (1 - COSINE_FINAL_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
+
     def on_train_epoch_end(self) -> None:
         # Manual optimisation: Lightning leaves the schedulers (one per optimiser) to the module.
-        if self.lr_schedule != "constant":
+        if self.lr_schedule != "constant" and self.discriminator is not None:
             for scheduler in self.lr_schedulers():
                 scheduler.step()
-        self.log("learning_rate", self.optimizers()[0].optimizer.param_groups[0]["lr"], on_epoch=True)
+        optimisers = self.optimizers()
+        first = optimisers[0] if isinstance(optimisers, (list, tuple)) else optimisers
+        self.log("learning_rate", first.optimizer.param_groups[0]["lr"], on_epoch=True)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        if self.discriminator is None:
+            terms = self.regression_step(batch, self.optimizers(), self.manual_backward)
+            self.lr_schedulers().step()
+            self.log_dict({f"train_{name}": value for name, value in terms.items()}, on_step=True, on_epoch=True,
+                          batch_size=batch["input"].shape[0])
+            return
         generator_optimiser, discriminator_optimiser = self.optimizers()
         terms = self.gan_step(batch, generator_optimiser, discriminator_optimiser, self.manual_backward)
         self.log_dict({f"train_{name}": value for name, value in terms.items()}, on_step=True, on_epoch=True,
@@ -133,12 +168,42 @@ class Bssfp2dtGAN(L.LightningModule):
         self.batches_trained += 1
         return {name: value.detach() for name, value in terms.items()}
 
+    def regression_step(self, batch: dict[str, torch.Tensor], optimiser: Any,
+                        backward: Callable[[torch.Tensor], None]) -> dict[str, torch.Tensor]:
+        """One generator step on the recipe's tensor loss (no discriminator), with gradient clipping; return the
+        detached terms. Usable without a Trainer (``backward=Tensor.backward``)."""
+        with self._step_randomness():
+            prediction = self(batch["input"])
+            terms = self.tensor_loss(prediction, batch["target"], batch["mask"], batch.get("wm"))
+            optimiser.zero_grad()
+            backward(terms["total"])
+            if self.recipe.gradient_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.trainable_generator_parameters, self.recipe.gradient_clip)
+            optimiser.step()
+        self.batches_trained += 1
+        return {name: value.detach() for name, value in terms.items()}
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        if self.recipe.validation == "volumes":
+            return self.volume_validation(batch)
         prediction = self(batch["input"])
         metrics = reconstruction_metrics(prediction, batch["target"], self.loss, self.data_range)
         self.log_dict({f"val_{name}": value for name, value in metrics.items()}, on_epoch=True,
                       batch_size=prediction.shape[0])
         return metrics
+
+    def volume_validation(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """White-matter errors of one whole volume (log-Euclidean recipes): V1 angle (degrees), FA and MD
+        relative errors, predicted/true FA, and ``val_loss``, their weighted sum (``SCORE_WEIGHTS``)."""
+        prediction = self(batch["input"])
+        white_matter = batch["wm"] if "wm" in batch else torch.ones_like(batch["mask"])
+        region = (batch["mask"] > 0) & (white_matter > VALIDATION_WM_PROBABILITY)
+        errors = log_tensor_errors(prediction, batch["target"], region.to(prediction.dtype))
+        errors = {name: value.to(prediction.dtype) for name, value in errors.items()}
+        errors["loss"] = sum(weight * errors[name] for name, weight in SCORE_WEIGHTS.items())
+        errors["tensor_loss"] = self.tensor_loss(prediction, batch["target"], batch["mask"], batch.get("wm"))["total"]
+        self.log_dict({f"val_{name}": value for name, value in errors.items()}, on_epoch=True, batch_size=1)
+        return errors
 
     def export_release(self, path: Path | str, *, config: dict[str, Any], normalization: dict[str, Any]) -> Path:
         """Write the generator as a release checkpoint (see ``models.checkpoint``)."""

@@ -110,15 +110,16 @@ def apply_stage(generator: Generator, stage: Stage, modality: str) -> list[nn.Pa
 
 
 def initial_generator(stage: Stage, modality: str, size: str | GeneratorSize,
-                      init_checkpoint: Path | str | None = None) -> Generator:
-    """The generator a stage starts from: a new one of ``size``, or the ``init_from`` stage's release checkpoint.
+                      init_checkpoint: Path | str | None = None, **options) -> Generator:
+    """The generator a stage starts from: a new one of ``size`` (``options``: see ``build_generator``), or the
+    ``init_from`` stage's release checkpoint (which keeps its own options).
 
     UsageError (naming ``--init-checkpoint``) when a checkpoint is needed but missing, or was written by
     another stage or for another modality.
     """
     input_modality = stage_modality(stage, modality)
     if stage.init_from is None:
-        return build_generator(size, [input_modality])
+        return build_generator(size, [input_modality], **options)
     if init_checkpoint is None:
         raise UsageError(f"--train-stage {stage.name} starts from a {stage.describe_start()} checkpoint; "
                          f"give it with --init-checkpoint")

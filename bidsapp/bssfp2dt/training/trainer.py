@@ -33,7 +33,8 @@ MONITOR = "val_loss"
 EARLY_STOPPING_PATIENCE = 5
 TOP_K = 3
 CHECKPOINT_FOLDER = "checkpoints"
-VALIDATION_METRICS = ("val_loss", "val_l1", "val_ssim", "val_psnr")
+VALIDATION_METRICS = ("val_loss", "val_l1", "val_ssim", "val_psnr", "val_v1_angle", "val_fa_error", "val_md_error",
+                      "val_fa_ratio")
 
 
 @dataclass(frozen=True)
