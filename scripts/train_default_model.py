@@ -11,10 +11,13 @@ Seeded end to end, so the same arguments give the same models:
    ``--model-size`` (default ``small``), each stage starting from the previous stage's release checkpoint;
 3. copy each finetuned ``model.pt`` into ``bidsapp/bssfp2dt/data/models/`` and record its id, version,
    sha256, training summary and input/output contract in ``models.toml``;
-4. run the participant level with each packaged model on the held-out subjects and evaluate a trivial
-   baseline (per tissue class, the mean DWI tensor of the training subjects, assigned by the hard tissue
-   label) with the same evaluation code; the median errors of both go into ``models.toml``
-   (``[models.<modality>.evaluation]``) and are printed as a Markdown model-card table.
+4. run the participant level with each packaged model on the held-out subjects and evaluate two non-learned
+   baselines with the same evaluation code: the tissue mean (per tissue class, the mean DWI tensor of the
+   training subjects, assigned by the hard tissue label) and the anatomy predictor (in white matter a
+   cylinder along the least-varying axis of the WM map, ``evaluation.baselines``); the median errors go into
+   ``models.toml`` (``[models.<modality>.evaluation]``) and are printed as a Markdown model-card table,
+   together with the white-matter errors against the simulator's truth (``evaluation.truth``): the V1 angle,
+   FA and MD errors and the predicted/true FA that the models are accepted by.
 
 Usage (from the repository root; ``--quick`` is a minutes-long smoke run on tiny phantoms):
 
@@ -43,6 +46,13 @@ TISSUES = ("CSF", "GM", "WM")
 CARD_METRICS = ("diagonal", "offdiagonal", "fa", "md", "v1angle")
 CARD_TISSUES = ("brain", "GM", "WM", "CSF")
 IMAGE_METRICS = ("psnr", "ssim")
+BASELINES = ("tissue_mean", "anatomy")
+BASELINE_NAMES = {"tissue_mean": "tissue-mean", "anatomy": "anatomy"}
+TRUTH_ROWS = (("v1_angle", "median V1 angle (deg)"), ("fa_error", "median FA relative error"),
+              ("md_error", "median MD relative error"), ("fa_ratio", "median predicted / true FA"),
+              ("non_finite", "non-finite voxels"))
+STARTED = time.perf_counter()
+DEFAULT_EPOCHS = 30
 
 logger = logging.getLogger("train_default_model")
 
@@ -91,8 +101,11 @@ def train_stage(args, bids_dir: Path, stage: str, modality: str, init: Path | No
         rate = args.learning_rate * (FINETUNE_RATE_FACTOR if stage == "finetune" else 1.0)
         extra += ["--learning-rate", f"{rate:g}"]
     threads = max(1, args.nprocs // len(MODALITIES)) if args.parallel else args.nprocs
+    if args.patch_size:
+        extra += ["--patch-size", args.patch_size]
     bssfp2dt(bids_dir, output_dir, "participant", "--train-stage", stage, "--input-modality", modality,
-             "--model-size", args.model_size, "--patch-size", args.patch_size, "--max-epochs", args.max_epochs,
+             "--model-size", args.model_size, "--recipe", args.recipe, "--batch-size", args.batch_size,
+             "--max-epochs", args.max_epochs,
              "--seed", args.seed, "--early-stopping-patience", args.patience, "--split-fractions", args.split_fractions,
              "--lr-schedule", args.lr_schedule,
              "-w", args.work / "work-train", "--nprocs", threads, "--omp-nthreads", threads, "--skip-bids-validation",
@@ -120,7 +133,9 @@ def package(checkpoint: Path, modality: str, args, train_seed: int, test_seed: i
             "training": {"stages": list(CHAINS[args.chain]), "final_stage": metadata["stage"],
                          "data": "simulated (bssfp2dt.simulation)", "train_subjects": args.train_subjects,
                          "train_seed": train_seed, "held_out_subjects": args.test_subjects,
-                         "held_out_seed": test_seed, "max_epochs": args.max_epochs, "patch_size": args.patch_size,
+                         "held_out_seed": test_seed, "max_epochs": args.max_epochs,
+                         "patch_size": metadata["config"].get("patch_size"), "recipe": args.recipe,
+                         "batch_size": args.batch_size,
                          "learning_rate": args.learning_rate or "stage default", "lr_schedule": args.lr_schedule,
                          "patience": args.patience,
                          "split_fractions": args.split_fractions, "chain": args.chain,
@@ -184,24 +199,79 @@ def tissue_mean_tensors(records: list[dict]) -> np.ndarray:
     return sums / counts[:, None]
 
 
-def evaluate_baseline(means: np.ndarray, records: list[dict], output_dir: Path, modality: str, bids_dir: Path) -> None:
-    """The tissue-mean prediction of every held-out session, evaluated against every DWI session of its subject."""
+def white_matter_medians(records: list[dict]) -> tuple[float, float]:
+    """Median FA and MD (mm^2/s) of the training sessions' DWI tensors where the pipeline's WM probability > 0.8."""
+    from bssfp2dt.dti.maps import tensor_maps
+
+    fa, md = [], []
+    for record in records:
+        if not record["outputs"].get("tensor"):
+            continue
+        region = load(record["outputs"]["wm"])[0] > 0.8
+        maps = tensor_maps(load(record["outputs"]["tensor"])[0], region)
+        fa.append(maps["fa"][region])
+        md.append(maps["md"][region])
+    return float(np.median(np.concatenate(fa))), float(np.median(np.concatenate(md)))
+
+
+def baseline_prediction(kind: str, record: dict, means: np.ndarray, wm_medians: tuple[float, float]) -> np.ndarray:
+    """The ``kind`` (see BASELINES) baseline of one preprocessed session, (X, Y, Z, 6) mm^2/s."""
+    from bssfp2dt.evaluation import baselines
+
+    labels = hard_labels(record)
+    if kind == "tissue_mean":
+        return baselines.tissue_mean_prediction(means, labels)
+    outputs = record["outputs"]
+    probabilities = np.stack([load(outputs[name.lower()])[0] for name in TISSUES], axis=-1)
+    voxel_mm = float(abs(load(outputs["brain_mask"])[1][0, 0]))
+    return baselines.anatomy_prediction(probabilities, labels >= 0, voxel_mm, means, *wm_medians)
+
+
+def evaluate_baseline(kind: str, means: np.ndarray, wm_medians: tuple[float, float], records: list[dict],
+                      output_dir: Path, modality: str, bids_dir: Path) -> dict[str, float]:
+    """A baseline's prediction of every held-out session, evaluated against every DWI session of its subject;
+    returns its white-matter errors against the simulator's truth (mean over sessions)."""
     from bssfp2dt.evaluation.report import evaluate_participant
     from bssfp2dt.evaluation.statistics import EvaluationEntities
+    from bssfp2dt.evaluation.truth import white_matter_errors
     from bssfp2dt.io.derivatives import initialise_dataset
 
     initialise_dataset(output_dir, bids_dir)
+    truth = []
     for record in records:
         outputs = record["outputs"]
-        labels = hard_labels(record)
-        mask = labels >= 0
-        prediction = np.where(mask[..., None], means[np.clip(labels, 0, None)], 0.0)
+        prediction = baseline_prediction(kind, record, means, wm_medians)
+        mask = hard_labels(record) >= 0
         references = [other for other in records if other["subject"] == record["subject"]
                       and other["outputs"].get("tensor")]
         for reference in references:
             entities = EvaluationEntities(record["subject"], record["session"], reference["session"], modality)
             evaluate_participant(prediction, reference["outputs"]["tensor"],
                                  {name: outputs[name.lower()] for name in TISSUES}, mask, None, entities, output_dir)
+        truth.append(white_matter_errors(prediction, load(outputs["brain_mask"])[1], bids_dir, record["subject"]))
+    return mean_errors(truth)
+
+
+def mean_errors(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Mean over held-out sessions of each white-matter median (voxel counts: the total)."""
+    return {key: float(np.sum([row[key] for row in rows]) if key in ("voxels", "non_finite")
+                       else np.mean([row[key] for row in rows])) for key in rows[0]}
+
+
+def model_truth_errors(model_out: Path, bids_dir: Path) -> dict[str, float]:
+    """White-matter errors against the truth of every tensor a participant run wrote under ``model_out``."""
+    import nibabel as nib
+
+    from bssfp2dt.evaluation.truth import white_matter_errors
+
+    rows = []
+    for path in sorted(model_out.glob("sub-*/**/*_param-diffusivity_dwimap.nii.gz")):
+        image = nib.load(str(path))
+        subject = path.name.split("_")[0].removeprefix("sub-")
+        rows.append(white_matter_errors(np.asarray(image.dataobj, dtype=np.float64), image.affine, bids_dir, subject))
+    if not rows:
+        raise SystemExit(f"no predicted tensor under {model_out}")
+    return mean_errors(rows)
 
 
 def summarise(output_dir: Path) -> dict[str, float]:
@@ -225,33 +295,47 @@ def summarise(output_dir: Path) -> dict[str, float]:
     return summary
 
 
-def model_card(modality: str, model: dict[str, float], baseline: dict[str, float]) -> str:
-    """Markdown table of the held-out errors of the model and the baseline."""
-    lines = [f"### {modality}: held-out simulated subjects", "", "| metric | model | tissue-mean baseline |",
-             "|---|---|---|"]
-    lines += [f"| {key} | {model[key]:.4g} | {baseline[key]:.4g} |" for key in model]
-    return "\n".join(lines)
-
-
 def side_by_side_card(entries: dict[str, dict]) -> str:
-    """The model card's Markdown table: every modality's held-out medians next to the tissue-mean baseline
-    (the same held-out sessions for all modalities), bold where a model beats the baseline."""
+    """The model card's Markdown table: every modality's held-out medians next to the non-learned baselines
+    (the same held-out sessions for all modalities), bold where a model beats every baseline."""
     modalities = [modality for modality in MODALITIES if "evaluation" in entries.get(modality, {})]
     if not modalities:
         raise SystemExit(f"{REGISTRY} holds no held-out evaluation: run the script without --card first")
-    baseline = entries[modalities[0]]["evaluation"]["baseline_tissue_mean"]
+    evaluation = entries[modalities[0]]["evaluation"]
+    kinds = [kind for kind in BASELINES if f"baseline_{kind}" in evaluation]
     keys = [(f"{metric}_median_{tissue}", metric, tissue) for metric in CARD_METRICS for tissue in CARD_TISSUES]
     keys += [(metric, metric, "brain") for metric in IMAGE_METRICS]
-    header = "| metric | tissue | " + " | ".join(f"{m} model" for m in modalities) + " | tissue-mean baseline |"
-    lines = [header, "|" + "---|" * (len(modalities) + 3)]
+    header = ("| metric | tissue | " + " | ".join(f"{m} model" for m in modalities) + " | "
+              + " | ".join(f"{BASELINE_NAMES[kind]} baseline" for kind in kinds) + " |")
+    lines = [header, "|" + "---|" * (len(modalities) + len(kinds) + 2)]
     for key, metric, tissue in keys:
+        references = [evaluation[f"baseline_{kind}"][key] for kind in kinds]
         cells = []
         for modality in modalities:
             value = entries[modality]["evaluation"]["model"][key]
             # Image metrics are scores (higher is better); every other card metric is an error.
-            better = value > baseline[key] if metric in IMAGE_METRICS else value < baseline[key]
+            better = all(value > r if metric in IMAGE_METRICS else value < r for r in references)
             cells.append(f"**{value:.4g}**" if better else f"{value:.4g}")
-        lines.append(f"| {metric} | {tissue} | " + " | ".join(cells) + f" | {baseline[key]:.4g} |")
+        lines.append(f"| {metric} | {tissue} | " + " | ".join(cells) + " | "
+                     + " | ".join(f"{r:.4g}" for r in references) + " |")
+    return "\n".join(lines)
+
+
+def truth_card(entries: dict[str, dict]) -> str:
+    """Markdown table of the white-matter errors against the simulator's truth (noiseless-DWI fit, true WM
+    probability > 0.8): each model next to the baselines."""
+    modalities = [modality for modality in MODALITIES
+                  if "truth_white_matter" in entries.get(modality, {}).get("evaluation", {})]
+    if not modalities:
+        return "(no truth-based evaluation in models.toml)"
+    columns = [(f"{modality} model", entries[modality]["evaluation"]["truth_white_matter"]["model"])
+               for modality in modalities]
+    first = entries[modalities[0]]["evaluation"]["truth_white_matter"]
+    columns += [(f"{BASELINE_NAMES[kind]} baseline", first[kind]) for kind in BASELINES if kind in first]
+    lines = ["| white matter (truth) | " + " | ".join(name for name, _ in columns) + " |",
+             "|" + "---|" * (len(columns) + 1)]
+    for key, label in TRUTH_ROWS:
+        lines.append(f"| {label} | " + " | ".join(f"{values[key]:.4g}" for _, values in columns) + " |")
     return "\n".join(lines)
 
 
@@ -273,6 +357,7 @@ def train_modalities(args, bids_dir: Path, chain: tuple[str, ...], shared: Path 
 # --------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     from bssfp2dt.cli.parser import LR_SCHEDULES
+    from bssfp2dt.training.recipes import DEFAULT_RECIPE, RECIPES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=REPO / "build" / "default-model",
@@ -281,23 +366,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-subjects", type=int, default=8)
     parser.add_argument("--test-subjects", type=int, default=3)
     parser.add_argument("--model-size", default="small", choices=("tiny", "small", "reference"))
-    parser.add_argument("--max-epochs", type=int, default=50)
-    parser.add_argument("--patch-size", type=int, default=64)
-    parser.add_argument("--chain", choices=tuple(CHAINS), default="staged",
+    parser.add_argument("--max-epochs", type=int, default=DEFAULT_EPOCHS)
+    parser.add_argument("--patch-size", type=int, default=None, help="training patch edge (default: the recipe's)")
+    parser.add_argument("--batch-size", type=int, default=2, help="patches per training batch")
+    parser.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULT_RECIPE, help="training recipe (bssfp2dt --recipe)")
+    parser.add_argument("--chain", choices=tuple(CHAINS), default="direct",
                         help="staged: autoencoder (shared) -> head -> finetune, the reference method; direct: one "
                              "stage from random weights (fewer steps for the same accuracy on a CPU budget)")
     parser.add_argument("--learning-rate", type=float, default=None,
-                        help="AdamW rate of every stage (finetune: a tenth of it) (default: the stages' own)")
-    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                        help="AdamW rate of every stage (finetune: a tenth of it) (default: the recipe's, else the "
+                             "stages' own)")
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
                         help="learning rate over each stage's epochs (bssfp2dt --lr-schedule)")
-    parser.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs")
+    parser.add_argument("--patience", type=int, default=DEFAULT_EPOCHS,
+                        help="early-stopping patience in epochs (the default never stops early: the release "
+                             "checkpoint is the best validation epoch anyway)")
     parser.add_argument("--split-fractions", default="0.85,0.15,0",
                         help="train,validation,test fractions of the training subjects (no test part: the held-out "
                              "subjects are a separate simulated dataset)")
-    parser.add_argument("--parallel", action="store_true",
-                        help="train the modalities at the same time, --nprocs split between them")
+    parser.add_argument("--serial", dest="parallel", action="store_false",
+                        help="train the modalities one after the other (default: at the same time, --nprocs split "
+                             "between them)")
     parser.add_argument("--nprocs", type=int, default=2)
-    parser.add_argument("--voxel-scale", type=float, default=1.0,
+    parser.add_argument("--voxel-scale", type=float, default=1.5,
                         help="simulate coarser raw images (x voxel size) for a faster CPU run; the network's "
                              "grid stays 2 mm")
     parser.add_argument("--keep-all-steps", dest="skip_unneeded_steps", action="store_false",
@@ -305,11 +396,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--card", action="store_true",
                         help="only print the model card's table from the packaged models.toml, then exit")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny phantoms, 3 + 1 subjects, tiny model, 2 epochs, 32^3 patches (smoke run)")
+                        help="tiny phantoms, 3 + 1 subjects, tiny model, 2 epochs, 16^3 patches (smoke run)")
     args = parser.parse_args(argv)
     if args.quick:
         args = argparse.Namespace(**{**vars(args), "train_subjects": 3, "test_subjects": 1, "model_size": "tiny",
-                                     "max_epochs": 2, "patch_size": 32})
+                                     "max_epochs": 2, "patch_size": 16, "voxel_scale": 1.0})
     args.work = args.work.resolve()
     return args
 
@@ -328,32 +419,42 @@ def main(argv=None) -> int:
 
     chain = CHAINS[args.chain]
     shared = train_stage(args, train_bids, "autoencoder", MODALITIES[0], None) if chain[0] == "autoencoder" else None
-    cards = []
-    means = tissue_mean_tensors(preprocessed_sessions(args.work / "work-train"))
     checkpoints = train_modalities(args, train_bids, chain, shared)
+    train_records = preprocessed_sessions(args.work / "work-train")
+    means, wm_medians = tissue_mean_tensors(train_records), white_matter_medians(train_records)
     # Registered before the evaluation: a packaged file is only loaded when its sha256 is in models.toml.
     entries = {modality: package(checkpoints[modality], modality, args, train_seed, test_seed) for modality in MODALITIES}
     write_registry(entries)
+    work_test = args.work / "work-heldout"  # shared: both modalities need the same preprocessing
+    truth = {}
     for modality, entry in entries.items():
         model_out = args.work / "heldout" / f"model-{modality}"
         shutil.rmtree(model_out, ignore_errors=True)
-        work_test = args.work / "work-heldout"  # shared: both modalities need the same preprocessing
         bssfp2dt(test_bids, model_out, "participant", "--input-modality", modality,
-                 "--model", MODELS_DIR / entry["file"], "--patch-size", args.patch_size, "-w", work_test,
+                 "--model", MODELS_DIR / entry["file"], "-w", work_test,
                  "--nprocs", args.nprocs, "--omp-nthreads", args.nprocs, "--skip-bids-validation",
                  *preprocessing_flags(args))
-        baseline_out = args.work / "heldout" / f"baseline-{modality}"
+        truth[modality] = model_truth_errors(model_out, test_bids)
+    baselines = {}
+    for kind in BASELINES:  # the same held-out sessions for every modality
+        baseline_out = args.work / "heldout" / f"baseline-{kind}"
         shutil.rmtree(baseline_out, ignore_errors=True)
-        evaluate_baseline(means, preprocessed_sessions(work_test), baseline_out, modality, test_bids)
-        model_summary, baseline_summary = summarise(model_out), summarise(baseline_out)
+        truth[kind] = evaluate_baseline(kind, means, wm_medians, preprocessed_sessions(work_test), baseline_out,
+                                        MODALITIES[0], test_bids)
+        baselines[kind] = summarise(baseline_out)
+    for modality, entry in entries.items():
         entry["evaluation"] = {"data": f"{args.test_subjects} held-out simulated subjects, seed {test_seed}",
-                               "model": model_summary, "baseline_tissue_mean": baseline_summary}
+                               "model": summarise(args.work / "heldout" / f"model-{modality}"),
+                               **{f"baseline_{kind}": baselines[kind] for kind in BASELINES},
+                               "truth_white_matter": {"model": truth[modality],
+                                                      **{kind: truth[kind] for kind in BASELINES}}}
         entry["training"]["voxel_scale"] = args.voxel_scale
         entry["training"]["preprocessing"] = " ".join(preprocessing_flags(args)) or "all steps"
-        cards.append(model_card(modality, model_summary, baseline_summary))
+        entry["training"]["minutes"] = round((time.perf_counter() - STARTED) / 60, 1)
     write_registry(entries)
-    print("\n\n".join(cards))
     print(side_by_side_card(entries))
+    print()
+    print(truth_card(entries))
     return 0
 
 

@@ -327,3 +327,23 @@ def test_network_inputs_of_each_modality(tmp_path):
     expected[..., DIAGONAL] = np.clip(tensor[..., DIAGONAL] / 3e-3, 0, 1)
     expected[..., OFF_DIAGONAL] = np.clip((tensor[..., OFF_DIAGONAL] + 1e-3) / 2e-3, 0, 1)
     np.testing.assert_allclose(dt, np.moveaxis(expected * mask[..., None], -1, 0), atol=1e-6)
+
+
+def test_a_patch_the_model_cannot_take_stops_before_any_preprocessing(run, tmp_path, capsys):
+    arguments = argv(run["bids"], tmp_path / "out", tmp_path / "work", run["model"])
+    arguments[arguments.index("--patch-size") + 1] = "24"  # the network halves the patch four times
+    code = main(arguments)
+    assert code == 64 and "--patch-size 24" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())
+
+
+def test_inference_uses_the_models_training_patch_unless_told_otherwise(run):
+    from bssfp2dt.pipeline.participant import inference_patch_size
+
+    model = load_model("pc-bssfp", run["model"], torch.device("cpu"))
+    trained = model.metadata["config"].get("patch_size")
+    config = Config(paths=PathSettings(run["bids"], run["out"], run["work"]),
+                    selection=SelectionSettings("participant"), resources=ResourceSettings(1, 1),
+                    run=RunSettings(run_uuid="x"), model=ModelSettings(patch_size=None))
+    assert inference_patch_size(config, model) == (trained or 64)
+    assert inference_patch_size(dataclasses.replace(config, model=ModelSettings(patch_size=48)), model) == 48

@@ -79,7 +79,10 @@ def check_modality(modality: str) -> int:
 class InputHead(nn.Module):
     """Residual block (B, C_in, X, Y, Z) -> (B, 24, X, Y, Z): three 3x3x3 convolutions with instance norm
     (``normalise``; none for the ``"none"`` generators) and ReLU, plus a 1x1x1 projection on the skip path
-    when C_in != 24. With ``structure_scales`` the block also sees the input's structure-tensor features."""
+    when C_in != 24. With ``structure_scales`` the block also sees the input's structure-tensor features, and
+    ``shortcut`` maps them straight to the 6 output channels (a 1x1x1 convolution, zero at the start): in log
+    coordinates a fibre along the least-varying axis is close to a linear function of the normalised structure
+    tensor, so the network starts from that linear guess and its UNet learns the rest (tract context, MD)."""
 
     def __init__(self, in_channels: int, hidden: int, out_channels: int = HEAD_OUT_CHANNELS,
                  normalise: bool = True, structure_scales: tuple[float, ...] = ()):
@@ -97,10 +100,22 @@ class InputHead(nn.Module):
         )
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, 1)
         self.activation = nn.ReLU()
+        self.shortcut = None
+        if self.structure is not None:
+            self.shortcut = nn.Conv3d(self.structure.out_channels, TENSOR_CHANNELS, 1)
+            nn.init.zeros_(self.shortcut.weight)
+            nn.init.zeros_(self.shortcut.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = x if self.structure is None else torch.cat([x, self.structure(x)], dim=1)
-        return self.activation(self.body(features) + self.skip(x))
+        return self.features_and_shortcut(x)[0]
+
+    def features_and_shortcut(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(backbone input (B, 24, ...), output shortcut (B, 6, ...) or None)."""
+        if self.structure is None:
+            return self.activation(self.body(x) + self.skip(x)), None
+        structure = self.structure(x)
+        features = self.activation(self.body(torch.cat([x, structure], dim=1)) + self.skip(x))
+        return features, self.shortcut(structure)
 
 
 class StructureTensorFeatures(nn.Module):
@@ -207,7 +222,9 @@ class Generator(nn.Module):
                              f"got {tuple(x.shape)}")
         if any(side % PATCH_MULTIPLE for side in x.shape[2:]):
             raise ValueError(f"patch sides must be multiples of {PATCH_MULTIPLE}, got {tuple(x.shape[2:])}")
-        return self.backbone(self.heads[modality](x))
+        features, shortcut = self.heads[modality].features_and_shortcut(x)
+        output = self.backbone(features)
+        return output if shortcut is None else output + shortcut
 
     def set_output_offset(self, values) -> None:
         """Set the bias of the last convolution to ``values`` (6,), the normalised tensor a fresh network

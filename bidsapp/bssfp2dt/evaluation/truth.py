@@ -1,0 +1,63 @@
+"""Errors against a simulated subject's ground truth: what the packaged models and baselines are judged by.
+
+Reference: the tensor fitted to the subject's noiseless DWI and the true WM probability, both written by
+``bssfp2dt-simulate`` to ``derivatives/bssfp2dt-truth/sub-<label>/`` in T1w space (at the DWI's voxel size).
+Both are resampled (trilinear) onto the prediction's grid (the same T1w space, usually finer), so the
+judgement does not depend on the pipeline's own tissue maps or DWI fit. White matter: true WM probability
+above ``WM_PROBABILITY``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.processing import resample_from_to
+
+from bssfp2dt.dti.maps import tensor_maps
+
+WM_PROBABILITY = 0.8
+TRUTH = "derivatives/bssfp2dt-truth"
+
+
+def truth_paths(bids_dir: Path | str, subject: str) -> tuple[Path, Path]:
+    """(noiseless-fit tensor, WM probability) files of ``subject`` in a simulated dataset."""
+    root = Path(bids_dir) / TRUTH / f"sub-{subject}"
+    tensor = root / "dwi" / f"sub-{subject}_space-T1w_desc-noiselessfit_model-tensor_param-diffusivity_dwimap.nii.gz"
+    wm = root / "anat" / f"sub-{subject}_space-T1w_label-WM_probseg.nii.gz"
+    for path in (tensor, wm):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: is {bids_dir} a dataset written by bssfp2dt-simulate?")
+    return tensor, wm
+
+
+def on_grid(path: Path, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """The image at ``path`` resampled (trilinear, 0 outside) onto the grid (shape[:3], affine); float64."""
+    image = nib.load(str(path))
+    data = np.asarray(image.dataobj, dtype=np.float64)
+    volumes = [data] if data.ndim == 3 else [data[..., k] for k in range(data.shape[-1])]
+    resampled = [np.asarray(resample_from_to(nib.Nifti1Image(volume, image.affine), (shape[:3], affine), order=1,
+                                             mode="constant", cval=0.0).dataobj) for volume in volumes]
+    return resampled[0] if data.ndim == 3 else np.stack(resampled, axis=-1)
+
+
+def white_matter_errors(prediction: np.ndarray, affine: np.ndarray, bids_dir: Path | str,
+                        subject: str) -> dict[str, float]:
+    """Median WM errors of ``prediction`` (X, Y, Z, 6) mm^2/s on the grid ``affine`` against the truth.
+
+    Returns ``v1_angle`` (degrees, sign-invariant), ``fa_error`` and ``md_error`` (|pred - ref| / ref),
+    ``fa_ratio`` (pred / ref FA), ``voxels`` (WM voxels compared) and ``non_finite`` (non-finite predicted
+    voxels anywhere in the brain's bounding volume).
+    """
+    tensor_path, wm_path = truth_paths(bids_dir, subject)
+    reference = on_grid(tensor_path, prediction.shape, affine)
+    region = on_grid(wm_path, prediction.shape, affine) > WM_PROBABILITY
+    predicted = tensor_maps(prediction, region)
+    truth = tensor_maps(reference, region)
+    cosine = np.abs((predicted["v1"][region] * truth["v1"][region]).sum(axis=-1)).clip(max=1.0)
+    fa_true, md_true = truth["fa"][region], truth["md"][region]
+    return {"v1_angle": float(np.median(np.degrees(np.arccos(cosine)))),
+            "fa_error": float(np.median(np.abs(predicted["fa"][region] - fa_true) / np.maximum(fa_true, 1e-3))),
+            "md_error": float(np.median(np.abs(predicted["md"][region] - md_true) / np.maximum(md_true, 1e-9))),
+            "fa_ratio": float(np.median(predicted["fa"][region] / np.maximum(fa_true, 1e-3))),
+            "voxels": int(region.sum()), "non_finite": int((~np.isfinite(prediction)).any(axis=-1).sum())}
