@@ -112,6 +112,7 @@ def train_curve(args) -> list[dict[str, float]]:
 
     from bssfp2dt.pipeline.training import generator_options
     from bssfp2dt.training import data
+    from bssfp2dt.training.initialisation import initialise_structure_head
     from bssfp2dt.training.module import Bssfp2dtGAN
     from bssfp2dt.training.recipes import get_recipe
     from bssfp2dt.training.stages import initial_generator, get_stage
@@ -131,6 +132,8 @@ def train_curve(args) -> list[dict[str, float]]:
     stage = get_stage("direct")
     generator = initial_generator(stage, args.modality, args.model_size, **generator_options(recipe))
     generator.set_output_offset(data.mean_normalised_target(pairs, normalization))
+    if args.structure_init:
+        initialise_structure_head(generator, args.modality, loaded.training_volumes(), seed=args.seed)
     module = Bssfp2dtGAN(generator, stage, args.modality, recipe=recipe, seed=args.seed,
                          learning_rate=args.learning_rate or recipe.learning_rate or stage.learning_rate)
     optimiser = torch.optim.AdamW(module.trainable_generator_parameters, lr=module.learning_rate,
@@ -206,6 +209,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--no-structure-init", dest="structure_init", action="store_false",
+                        help="start the structure head from zero instead of the least-squares anatomy guess")
     parser.add_argument("--tiny", action="store_true", help="tiny phantoms, tiny model, a few steps (a test)")
     args = parser.parse_args(argv)
     import torch

@@ -39,6 +39,7 @@ def run_training(plan) -> int:
     from bssfp2dt.config import save_toml
     from bssfp2dt.inference.device import configure_cpu_threads
     from bssfp2dt.training import data
+    from bssfp2dt.training.initialisation import initialise_structure_head
     from bssfp2dt.training.module import Bssfp2dtGAN
     from bssfp2dt.training.recipes import get_recipe
     from bssfp2dt.training.stages import get_stage, stage_modality
@@ -70,6 +71,7 @@ def run_training(plan) -> int:
         offset = data.mean_normalised_target(pairs["train"], normalization)
         start.generator.set_output_offset(offset)
         logger.info("output bias set to the mean normalised training tensor %s", np.array2string(offset, precision=3))
+        initialise_structure_head(start.generator, input_modality, datamodule.training_volumes(), seed=settings.seed)
     learning_rate = settings.learning_rate or (recipe.learning_rate if stage.init_from is None else None)
     module = Bssfp2dtGAN(start.generator, stage, modality, seed=settings.seed, learning_rate=learning_rate,
                          perceptual_weights=settings.perceptual_weights, lr_schedule=settings.lr_schedule,

@@ -530,6 +530,13 @@ class TrainingData(L.LightningDataModule):
         self._cache[pair] = subject
         return subject
 
+    def training_volumes(self, limit: int = 4) -> list[dict[str, torch.Tensor]]:
+        """Whole loaded volumes of up to ``limit`` training pairs (one per subject first) as dicts of (C, X, Y, Z)
+        tensors, for data-driven initialisation (``training.initialisation``)."""
+        first_per_subject = list({pair.subject: pair for pair in self.train_pairs}.values())[:limit]
+        return [{name: subject[name].data for name in subject.get_images_names()}
+                for subject in self.subjects(first_per_subject)]
+
     def train_queue(self, epoch: int) -> SeededQueue:
         """The training queue of ``epoch``: shuffled subjects, patches (uniform, or weighted towards white
         matter by the recipe), the recipe's augmentation."""
