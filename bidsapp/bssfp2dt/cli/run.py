@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     """Check, discover and dispatch; raises :class:`Bssfp2dtError` subclasses for user errors."""
     from bssfp2dt.config import RunPlan, config_from_args
     from bssfp2dt.io import bids as bids_io
+    from bssfp2dt.io.content_checks import check_subjects
     from bssfp2dt.io.derivatives import check_output_dataset
 
     config = config_from_args(args, new_run_uuid(), bids_io.DEFAULT_QUERIES)
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         inputs = bids_io.discover(config)
         bids_io.require_inputs(inputs, config.selection.input_modality, training=config.training.stage is not None)
+        inputs = check_subjects(inputs, config.selection.input_modality, training=config.training.stage is not None)
         plan = RunPlan(config=config, subjects=inputs)
     if config.run.dry_run:
         print(describe_plan(plan))
