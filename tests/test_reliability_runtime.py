@@ -167,3 +167,93 @@ def test_a_crash_file_is_read_back_to_node_and_exception(tmp_path):
                                                                     "the brain mask is empty: cannot segment tissues")
     crash.write_text("garbled")
     assert read_crash_file(crash) is None
+
+
+# --------------------------------------------------------------------------- runs that meet each other
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from bssfp2dt.io.workdir_lock import work_dir_lock
+with work_dir_lock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def hold_lock(work: Path):
+    """Another process holding the work dir's lock (as a running bssfp2dt participant run does)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(work)], stdout=subprocess.PIPE, env=env, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_second_run_on_a_locked_work_dir_stops_before_writing(tmp_path, capsys):
+    import frontdoor_fixtures as fx
+
+    from bssfp2dt.errors import EXIT_CANNOT_CREATE_OUTPUT
+
+    bids_dir = fx.make_bids_dataset(tmp_path / "bids", sessions=(None,))
+    work = tmp_path / "work"
+    holder = hold_lock(work)
+    try:
+        code = main([str(bids_dir), str(tmp_path / "out"), "participant", "-w", str(work), "--skip-bids-validation"])
+        err = capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == EXIT_CANNOT_CREATE_OUTPUT
+    assert error_line(err) == (f"work dir {work} is in use by process {holder.pid} (another bssfp2dt run); wait for "
+                               "it to finish or give this run another -w")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_lock_dies_with_its_process_and_excludes_a_second_holder(tmp_path):
+    import os
+
+    from bssfp2dt.errors import OutputError
+    from bssfp2dt.io.workdir_lock import work_dir_lock
+
+    holder = hold_lock(tmp_path)
+    holder.kill()  # a killed run: its lock file stays, its lock does not
+    holder.wait()
+    with work_dir_lock(tmp_path) as path:
+        assert path.read_text() == f"{os.getpid()}\n"
+        with pytest.raises(OutputError) as second:
+            with work_dir_lock(tmp_path):
+                pass
+        assert f"is in use by process {os.getpid()} " in second.value.message
+
+
+def test_group_names_a_subject_whose_participant_run_was_killed(source, tmp_path, capsys, monkeypatch):
+    from bssfp2dt.pipeline import participant
+    from bssfp2dt.pipeline.completion import read_status
+
+    bids_dir = copy_dataset(source, tmp_path)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the run stops here, after the maps, before the evaluation
+    monkeypatch.setattr(participant, "evaluate_subject", killed)
+    code, err = run_cli(bids_dir, tmp_path, source[1], capsys)
+    assert code == 130
+    out = tmp_path / "out"
+    assert derivatives.tensor_map_paths("01", "1", "pc-bssfp", out).diffusivity.is_file()
+    status = read_status(out, "01")
+    assert status["complete"] is False
+    code = main([str(bids_dir), str(out), "group", "--skip-bids-validation"])
+    assert code == EXIT_MISSING_INPUT
+    assert error_line(capsys.readouterr().err) == (
+        f"1 subject(s) incomplete (sub-01; sub-01: its participant run {status['run_uuid']} did not finish: it was "
+        "interrupted (killed or out of time) before all outputs were written); finish with `bssfp2dt "
+        f"{bids_dir} {out} participant --participant-label 01` (the same -w reuses the finished steps), or leave "
+        "them out with --participant-label, then rerun the group level")
+    monkeypatch.undo()
+    code, err = run_cli(bids_dir, tmp_path, source[1], capsys)  # finishing it, as the message says
+    assert code == 0, err
+    status = read_status(out, "01")
+    fa = derivatives.tensor_map_paths("01", "1", "pc-bssfp", out).fa
+    assert status["complete"] is True and fa.relative_to(out).as_posix() in status["outputs"]
+    assert main([str(bids_dir), str(out), "group", "--skip-bids-validation"]) == 0

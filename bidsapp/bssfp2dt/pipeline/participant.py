@@ -72,16 +72,32 @@ class LoadedModel:
 
 
 # --------------------------------------------------------------------------- entry point
-def run_participant(plan) -> int:
-    """Process every subject of ``plan`` (:class:`bssfp2dt.config.RunPlan`); 0 when all succeeded, else 1."""
+def check_participant(plan) -> dict[str, Any]:
+    """Resolve the device and load the model: the checks that must pass before anything is written.
+
+    Returns the keyword arguments of :func:`run_participant` (``device``, ``model``).
+    """
     from bssfp2dt.inference.device import configure_cpu_threads, resolve_device
-    from bssfp2dt.io.derivatives import initialise_dataset
-    from bssfp2dt.pipeline.outcome import exit_status
 
     config = plan.config
     configure_cpu_threads(config.resources.omp_nthreads)
     device = resolve_device(config.resources.device)
-    model = load_model(config.selection.input_modality, config.model.model, device)
+    return {"device": device, "model": load_model(config.selection.input_modality, config.model.model, device)}
+
+
+def run_participant(plan, device=None, model: LoadedModel | None = None) -> int:
+    """Process every subject of ``plan`` (:class:`bssfp2dt.config.RunPlan`); 0 when all succeeded.
+
+    ``device`` and ``model`` come from :func:`check_participant` (run here when not given).
+    """
+    from bssfp2dt.io.derivatives import initialise_dataset
+    from bssfp2dt.pipeline.completion import mark_complete, mark_started
+    from bssfp2dt.pipeline.outcome import exit_status
+
+    config = plan.config
+    if model is None or device is None:
+        prepared = check_participant(plan)
+        device, model = prepared["device"], prepared["model"]
     if not (config.paths.output_dir / "dataset_description.json").is_file():
         initialise_dataset(config.paths.output_dir, config.paths.bids_dir)
     succeeded, failed, errors = [], [], {}
@@ -89,11 +105,14 @@ def run_participant(plan) -> int:
         label = subject_inputs.subject
         started = time.perf_counter()
         try:
+            mark_started(config.paths.output_dir, label, config.run.run_uuid)
             with SubjectLog(config, label):
-                process_subject(plan, subject_inputs, model, device)
+                written = process_subject(plan, subject_inputs, model, device)
+            mark_complete(config.paths.output_dir, label, config.run.run_uuid, written)
         except Exception as error:  # noqa: BLE001 - one subject's failure must not lose the others
             failed.append(label)
             errors[label] = error
+            _mark_failed(config, label, error)
             crash = write_crash_file(config, label, error)
             logger.error("sub-%s failed after %.1f s: %s (crash file %s)", label, time.perf_counter() - started,
                          getattr(error, "message", None) or f"{type(error).__name__}: {error}", crash)
@@ -109,6 +128,16 @@ def run_participant(plan) -> int:
                 f" ({', '.join(failed)})" if failed else "",
                 f", {len(not_run)} not run ({', '.join(not_run)})" if not_run else "")
     return exit_status(errors)
+
+
+def _mark_failed(config, label: str, error: BaseException) -> None:
+    from bssfp2dt.pipeline.completion import mark_failed
+
+    try:
+        mark_failed(config.paths.output_dir, label, config.run.run_uuid,
+                    getattr(error, "message", None) or f"{type(error).__name__}: {error}")
+    except OSError:  # the crash file and the log report the failure; the status stays "incomplete"
+        pass
 
 
 def load_model(modality: str, model_path: Path | None, device) -> LoadedModel:
