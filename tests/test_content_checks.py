@@ -170,3 +170,19 @@ def test_gradient_tables_that_cannot_give_a_tensor(tmp_path, bvals, bvecs, probl
     path = tmp_path / "x.bvec"
     np.savetxt(path, bvecs)
     assert content_checks.tensor_problem(bvals, path) == problem
+
+
+def test_summarise_counts_over_volumes_read_one_at_a_time(tmp_path):
+    data = np.arange(4 * 4 * 4 * 3, dtype=np.int16).reshape(4, 4, 4, 3) - 5  # 5 negative values in volume 0..2
+    data[..., 2] = 9
+    image = nib.Nifti1Image(data, np.eye(4))
+    image.header.set_slope_inter(2.0, 1.0)  # stored x 2 + 1
+    nib.save(image, tmp_path / "x.nii.gz")
+    read = list(content_checks.volumes(tmp_path / "x.nii.gz"))
+    assert len(read) == 3 and read[0].dtype == np.float32
+    np.testing.assert_array_equal(read[1], data[..., 1] * 2.0 + 1.0)
+    summary = content_checks.summarise(read + [np.array([[[np.nan, 1.0]]], np.float32)])
+    expected_negative = int(np.count_nonzero(data[..., :2] * 2 + 1 < 0))
+    assert (summary.size, summary.n_volumes, summary.non_finite, summary.negative) == (194, 4, 1, expected_negative)
+    assert summary.constant == (2, 19.0) and summary.low == float(data.min() * 2 + 1)
+    assert summary.high == float(data[..., :2].max() * 2 + 1)

@@ -31,7 +31,7 @@ def source(tmp_path_factory):
     root = tmp_path_factory.mktemp("runtime")
     bids_dir = simulate_dataset(root / "bids", tiny_config(), progress=False)
     model, _ = tiny_pcbssfp_model(bids_dir, root / "tiny.pt")
-    return bids_dir, model
+    return bids_dir, model, root / "work"  # one work dir: the steps of unchanged inputs are cached
 
 
 def copy_dataset(source, tmp_path: Path) -> Path:
@@ -40,9 +40,9 @@ def copy_dataset(source, tmp_path: Path) -> Path:
     return bids_dir
 
 
-def run_cli(bids_dir: Path, tmp_path: Path, model: Path, capsys, *extra: str) -> tuple[int, str]:
-    code = main([str(bids_dir), str(tmp_path / "out"), "participant", "--model", str(model), "-w",
-                 str(tmp_path / "work"), "--patch-size", "32", "--nprocs", "1", "--omp-nthreads", "1",
+def run_cli(bids_dir: Path, tmp_path: Path, source, capsys, *extra: str, work: Path | None = None) -> tuple[int, str]:
+    code = main([str(bids_dir), str(tmp_path / "out"), "participant", "--model", str(source[1]), "-w",
+                 str(work or source[2]), "--patch-size", "32", "--nprocs", "1", "--omp-nthreads", "1",
                  "--skip-bids-validation", "--device", "cpu", *FAST, *extra])
     return code, capsys.readouterr().err
 
@@ -65,7 +65,7 @@ def test_a_node_level_data_error_is_one_line_with_exit_66(source, tmp_path, caps
     data = np.zeros(image.shape, np.float32)
     data[5, 5, 5] = 100.0
     nib.save(nib.Nifti1Image(data, image.affine, image.header), t1w)
-    code, err = run_cli(bids_dir, tmp_path, source[1], capsys)
+    code, err = run_cli(bids_dir, tmp_path, source, capsys)
     assert code == EXIT_MISSING_INPUT
     message = error_line(err)
     assert message.startswith(f"T1w {t1w}: the brain mask is empty: cannot segment tissues (preprocessing step "
@@ -86,7 +86,7 @@ def test_no_overlap_after_registration_stops_the_subject(source, tmp_path, capsy
         moved.set_sform(affine)
         moved.set_qform(affine)
         nib.save(moved, path)
-    code, err = run_cli(bids_dir, tmp_path, source[1], capsys)
+    code, err = run_cli(bids_dir, tmp_path, source, capsys)
     assert code == EXIT_MISSING_INPUT
     assert error_line(err) == (f"bSSFP magnitude {anat(bids_dir, 'part-mag_T2w.nii.gz')} covers 0 % of the T1w "
                                "brain mask after registration (at least 50 % needed): the images do not overlap; "
@@ -108,7 +108,7 @@ def test_a_dwi_without_diffusion_weighting_still_gives_the_prediction(source, tm
     dwi = next(bids_dir.glob("sub-01/ses-*/dwi/*_dwi.nii.gz"))
     bval = dwi.with_name(dwi.name.replace(".nii.gz", ".bval"))
     bval.write_text(" ".join("0" for _ in bval.read_text().split()) + "\n")
-    code, err = run_cli(bids_dir, tmp_path, source[1], capsys)
+    code, err = run_cli(bids_dir, tmp_path, source, capsys)
     assert code == 0, err
     assert (f"DWI {dwi}: every volume is b = 0, so it cannot give a tensor; the prediction is still made, its "
             "evaluation is skipped") in err
@@ -124,13 +124,13 @@ def test_a_dwi_failing_inside_preprocessing_still_gives_the_prediction(source, t
 
     monkeypatch.setattr(pipeline, "fit_dwi_tensor", failing_fit)  # the Linear plugin runs nodes in this process
     bids_dir = copy_dataset(source, tmp_path)
-    code, err = run_cli(bids_dir, tmp_path, source[1], capsys)
+    code, err = run_cli(bids_dir, tmp_path, source, capsys, work=tmp_path / "work")  # no cached tensor fit
     assert code == 0, err
     assert ("sub-01: the DWI cannot give a tensor (dwi_tensor_ses1: the b-values/b-vectors do not determine a "
             "tensor (design matrix rank < 7)); the prediction is still made, its evaluation is skipped") in err
     assert "Traceback" not in err
     assert_prediction_without_evaluation(tmp_path / "out")
-    provenance = json.loads(next((tmp_path / "work").rglob("*_preproc.json")).read_text())
+    provenance = json.loads(next((tmp_path / "work").rglob("collect_ses1/*_preproc.json")).read_text())
     assert provenance["outputs"]["tensor"] is None
 
 
@@ -237,7 +237,7 @@ def test_group_names_a_subject_whose_participant_run_was_killed(source, tmp_path
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # the run stops here, after the maps, before the evaluation
     monkeypatch.setattr(participant, "evaluate_subject", killed)
-    code, err = run_cli(bids_dir, tmp_path, source[1], capsys)
+    code, err = run_cli(bids_dir, tmp_path, source, capsys)
     assert code == 130
     out = tmp_path / "out"
     assert derivatives.tensor_map_paths("01", "1", "pc-bssfp", out).diffusivity.is_file()
@@ -251,7 +251,7 @@ def test_group_names_a_subject_whose_participant_run_was_killed(source, tmp_path
         f"{bids_dir} {out} participant --participant-label 01` (the same -w reuses the finished steps), or leave "
         "them out with --participant-label, then rerun the group level")
     monkeypatch.undo()
-    code, err = run_cli(bids_dir, tmp_path, source[1], capsys)  # finishing it, as the message says
+    code, err = run_cli(bids_dir, tmp_path, source, capsys)  # finishing it, as the message says
     assert code == 0, err
     status = read_status(out, "01")
     fa = derivatives.tensor_map_paths("01", "1", "pc-bssfp", out).fa

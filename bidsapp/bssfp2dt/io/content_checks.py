@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -58,30 +59,85 @@ def check_size(path: Path, shape: tuple[int, ...]) -> None:
                                 "voxels a side are needed, give the full image")
 
 
-def check_values(path: Path, data: np.ndarray, what: str, *, magnitude: bool = False) -> list[str]:
+@dataclass(frozen=True)
+class ValueSummary:
+    """What :func:`summarise` counted over an image's values (all volumes).
+
+    ``constant``: ``(volume index, value)`` of the first volume holding one value everywhere, else None;
+    ``low``/``high``: range of the finite values (0, 0 when there are none).
+    """
+
+    size: int
+    n_volumes: int
+    non_finite: int
+    negative: int
+    low: float
+    high: float
+    constant: tuple[int, float] | None
+
+
+def volumes(path: Path) -> Iterator[np.ndarray]:
+    """The image's 3D volumes, one at a time as float32 (scaled), so a large series is never held as floats."""
+    import nibabel as nib
+
+    from bssfp2dt.io.nifti import effective_shape
+
+    image = nib.load(str(path))
+    proxy = image.dataobj
+    raw = np.asanyarray(proxy.get_unscaled()) if hasattr(proxy, "get_unscaled") else np.asanyarray(proxy)
+    raw = raw.reshape(effective_shape(raw.shape)[:3] + (-1,))
+    slope = float(getattr(proxy, "slope", 1.0))
+    inter = float(getattr(proxy, "inter", 0.0))
+    for index in range(raw.shape[-1]):
+        volume = raw[..., index].astype(np.float32)
+        yield volume * np.float32(slope) + np.float32(inter) if (slope, inter) != (1.0, 0.0) else volume
+
+
+def summarise(volume_iter: Iterable[np.ndarray]) -> ValueSummary:
+    """Count non-finite and negative values, the finite range and the first constant volume."""
+    size = non_finite = negative = count = 0
+    low, high = np.inf, -np.inf
+    constant = None
+    for index, volume in enumerate(volume_iter):
+        count += 1
+        size += volume.size
+        good = np.isfinite(volume)
+        non_finite += int(volume.size - np.count_nonzero(good))
+        values = volume[good] if not good.all() else volume
+        negative += int(np.count_nonzero(values < 0))
+        if values.size:
+            vmin, vmax = float(values.min()), float(values.max())
+            low, high = min(low, vmin), max(high, vmax)
+            if vmin == vmax and constant is None and values.size == volume.size:
+                constant = (index, vmin)
+        elif constant is None:
+            constant = (index, float("nan"))
+    if not np.isfinite(low):
+        low = high = 0.0
+    return ValueSummary(size=size, n_volumes=count, non_finite=non_finite, negative=negative, low=low, high=high,
+                        constant=constant)
+
+
+def check_values(path: Path, summary: ValueSummary, what: str, *, magnitude: bool = False) -> list[str]:
     """Finite, non-constant (per volume for 4D), and for a magnitude non-negative values.
 
-    Returns the repairs as phrases ("3 non-finite values set to 0"); raises MissingInputError (66)
+    Returns the repairs as phrases ("3 non-finite value(s) set to 0"); raises MissingInputError (66)
     for what cannot be repaired.
     """
     repairs = []
-    size = data.size
-    bad = int(size - np.count_nonzero(np.isfinite(data)))
+    size, bad = summary.size, summary.non_finite
     if bad:
         if bad > REPAIR_FRACTION * size:
             raise MissingInputError(f"{what} {path}: {bad} of {size} voxel values are NaN or infinite "
                                     f"({100 * bad / size:.3g} %); re-export the image")
         repairs.append(f"{bad} non-finite value(s) set to 0")
-        data = finite(data)
-    volumes = data.reshape(data.shape[:3] + (-1,))
-    for index in range(volumes.shape[-1]):
-        volume = volumes[..., index]
-        if volume.min() == volume.max():
-            where = f" (volume {index})" if volumes.shape[-1] > 1 else ""
-            raise MissingInputError(f"{what} {path} holds one constant value ({float(volume.min()):g}) in every "
-                                    f"voxel{where}: there is no signal; re-export or replace it")
+    if summary.constant is not None:
+        index, value = summary.constant
+        where = f" (volume {index})" if summary.n_volumes > 1 else ""
+        raise MissingInputError(f"{what} {path} holds one constant value ({value:g}) in every voxel{where}: there "
+                                "is no signal; re-export or replace it")
     if magnitude:
-        negative = int(np.count_nonzero(data < 0))
+        negative = summary.negative
         if negative > REPAIR_FRACTION * size:
             raise MissingInputError(f"{what} {path}: {negative} of {size} values are negative "
                                     f"({100 * negative / size:.3g} %), which a magnitude never is (a sign flip?); "
@@ -91,10 +147,9 @@ def check_values(path: Path, data: np.ndarray, what: str, *, magnitude: bool = F
     return repairs
 
 
-def check_phase_range(path: Path, data: np.ndarray, units: str) -> None:
-    """Phase values consistent with their units: [-pi, pi] for rad, integers 0..4095 for arbitrary."""
-    values = finite(data)
-    low, high = float(values.min()), float(values.max())
+def check_phase_range(path: Path, summary: ValueSummary, units: str) -> None:
+    """Phase values consistent with their units: [-pi, pi] for rad, 0..4095 for arbitrary."""
+    low, high = summary.low, summary.high
     if units == "rad" and (low < -np.pi - _PI_TOLERANCE or high > np.pi + _PI_TOLERANCE):
         hint = " (degrees?)" if high <= 360.0 + _PI_TOLERANCE and low >= -360.0 - _PI_TOLERANCE else ""
         raise MissingInputError(f"bSSFP phase {path}: the sidecar says \"Units\": \"rad\" but the values span "
@@ -150,13 +205,13 @@ def check_session(session, input_modality: str, dwi_required: bool):
     """Check one :class:`bssfp2dt.io.bids.SessionInputs`; return it (without the DWI if that is unusable)."""
     if session.t1w is not None:
         check_size(session.t1w.image, session.t1w.shape)
-        _warn(session.t1w.image, check_values(session.t1w.image, _load(session.t1w.image), "T1w"))
+        _warn(session.t1w.image, check_values(session.t1w.image, summarise(volumes(session.t1w.image)), "T1w"))
     if session.bssfp is not None and input_modality in ("pc-bssfp", "bssfp"):
         bssfp = session.bssfp
         check_size(bssfp.magnitude, bssfp.shape)
-        _warn(bssfp.magnitude, check_values(bssfp.magnitude, _load(bssfp.magnitude), "bSSFP magnitude",
+        _warn(bssfp.magnitude, check_values(bssfp.magnitude, summarise(volumes(bssfp.magnitude)), "bSSFP magnitude",
                                             magnitude=True))
-        phase = _load(bssfp.phase)
+        phase = summarise(volumes(bssfp.phase))
         check_phase_range(bssfp.phase, phase, bssfp.phase_units)
         _warn(bssfp.phase, check_values(bssfp.phase, phase, "bSSFP phase"))
     if session.dwi is not None:

@@ -378,7 +378,8 @@ def run_preprocessing(plan_or_config, subject_inputs, settings: PreprocSettings 
                 graph = workflow.run(plugin="Linear")
     except RuntimeError:
         failures = node_failures(crash_dir, started)
-        if failures and all(is_dwi_node(f.node) for f in failures) and not _dwi_required(config):
+        has_dwi = any(session.dwi is not None for session in subject_inputs.sessions)
+        if has_dwi and failures and all(is_dwi_node(f.node) for f in failures) and not _dwi_required(config):
             # The DWI is only the evaluation's reference: predict without it rather than lose the subject.
             logger.warning("sub-%s: the DWI cannot give a tensor (%s: %s); the prediction is still made, its "
                            "evaluation is skipped", subject_inputs.subject, failures[0].node, failures[0].message)
