@@ -115,6 +115,23 @@ def test_a_dwi_without_diffusion_weighting_still_gives_the_prediction(source, tm
     assert_prediction_without_evaluation(tmp_path / "out")
 
 
+def test_a_dwi_that_misses_the_t1w_still_gives_the_prediction(source, tmp_path, capsys):
+    bids_dir = copy_dataset(source, tmp_path)
+    for path in bids_dir.glob("sub-01/ses-1/*/*_dwi.nii.gz"):
+        image = nib.load(path)
+        affine = image.affine.copy()
+        affine[:3, 3] += 400.0
+        moved = nib.Nifti1Image(np.asarray(image.dataobj), affine, image.header)
+        moved.set_sform(affine)
+        moved.set_qform(affine)
+        nib.save(moved, path)
+    code, err = run_cli(bids_dir, tmp_path, source, capsys)
+    assert code == 0, err
+    assert ("sub-01: the DWI of ses-1 covers 0 % of the T1w brain mask after registration (at least 50 % needed); "
+            "the prediction is kept, its evaluation against this DWI is skipped") in err
+    assert_prediction_without_evaluation(tmp_path / "out")
+
+
 def test_a_dwi_failing_inside_preprocessing_still_gives_the_prediction(source, tmp_path, capsys, monkeypatch):
     """A DWI node error (here the tensor fit, made to fail) drops the DWI branch, not the subject."""
     from bssfp2dt.preprocessing import pipeline

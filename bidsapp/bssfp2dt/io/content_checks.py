@@ -178,14 +178,19 @@ def tensor_problem(b_values: Iterable[float], bvec: Path) -> str | None:
     return None
 
 
-def check_overlap(moving_on_grid: np.ndarray, mask: np.ndarray, what: str, moving: str) -> float:
-    """Fraction of the brain mask where the registered image has signal; exit 66 below :data:`MIN_OVERLAP`.
+def covered_fraction(moving_on_grid: np.ndarray, mask: np.ndarray) -> float:
+    """Fraction of the brain mask where the registered image has signal (any channel non-zero).
 
     ``moving_on_grid``: (X, Y, Z[, C]) resampled image (0 outside its field of view); ``mask`` (X, Y, Z) bool.
     """
     signal = np.abs(moving_on_grid).reshape(mask.shape + (-1,)).max(axis=-1) > 0
     inside = int(np.count_nonzero(mask))
-    covered = float(np.count_nonzero(signal & mask)) / inside if inside else 0.0
+    return float(np.count_nonzero(signal & mask)) / inside if inside else 0.0
+
+
+def check_overlap(moving_on_grid: np.ndarray, mask: np.ndarray, what: str, moving: str) -> float:
+    """:func:`covered_fraction`; exit 66 below :data:`MIN_OVERLAP`."""
+    covered = covered_fraction(moving_on_grid, mask)
     if covered < MIN_OVERLAP:
         raise MissingInputError(f"{what} {moving} covers {100 * covered:.0f} % of the T1w brain mask after "
                                 f"registration (at least {100 * MIN_OVERLAP:.0f} % needed): the images do not "
@@ -198,6 +203,17 @@ def check_registered_bssfp(preprocessed_session, raw_bssfp) -> float:
     channels = _load(preprocessed_session.bssfp)
     mask = _load(preprocessed_session.brain_mask) > 0
     return check_overlap(channels[..., 0::2], mask, "bSSFP magnitude", str(raw_bssfp.magnitude))
+
+
+def reference_overlaps(tensor_path: Path, mask_path: Path, label: str, session: str | None) -> bool:
+    """Whether a registered DWI tensor covers enough of the brain mask to evaluate against; warns if not."""
+    covered = covered_fraction(_load(tensor_path), _load(mask_path) > 0)
+    if covered < MIN_OVERLAP:
+        logger.warning("sub-%s: the DWI of ses-%s covers %.0f %% of the T1w brain mask after registration (at least "
+                       "%.0f %% needed); the prediction is kept, its evaluation against this DWI is skipped", label,
+                       session, 100 * covered, 100 * MIN_OVERLAP)
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- per session

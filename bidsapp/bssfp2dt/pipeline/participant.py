@@ -381,8 +381,10 @@ def evaluate_subject(config, preprocessed, raw_sessions, predictions, model: Loa
     from bssfp2dt.evaluation.report import evaluate_participant
     from bssfp2dt.evaluation.statistics import EvaluationEntities
     from bssfp2dt.io import derivatives
+    from bssfp2dt.io.content_checks import reference_overlaps
 
-    references = [session for session in preprocessed.sessions if session.tensor is not None]
+    references = [session for session in preprocessed.sessions if session.tensor is not None
+                  and reference_overlaps(session.tensor, session.brain_mask, preprocessed.subject, session.session)]
     if not references:
         logger.info("sub-%s: no DWI session, so no evaluation", preprocessed.subject)
         return
