@@ -1,9 +1,11 @@
-"""Which subjects the participant level finished: ``sub-<label>/log/status.json``.
+"""Which subjects the participant level finished: ``sub-<label>/log/<run_uuid>/status.json``.
 
 The status is written ``"complete": false`` when a subject starts and ``true`` only after every one of
 its outputs (maps, sidecars, evaluation, report) is written, so a participant run that is killed or fails
 half way leaves the subject marked incomplete. The group level reads it to name incomplete subjects and
-say how to finish them, instead of describing their half-written outputs as complete. Outputs of
+say how to finish them, instead of describing their half-written outputs as complete; the newest
+status (by modification time) of a subject is the one that counts. The file sits in the run's own log
+folder, which is the only part of the outputs allowed to differ between identical runs. Outputs of
 releases without a status file count as complete.
 """
 from __future__ import annotations
@@ -21,14 +23,16 @@ logger = logging.getLogger(__name__)
 STATUS_NAME = "status.json"
 
 
-def status_path(output_dir: Path, label: str) -> Path:
-    return Path(output_dir) / f"sub-{label}" / "log" / STATUS_NAME
+def status_path(output_dir: Path, label: str, run_uuid: str) -> Path:
+    from bssfp2dt.io.derivatives import subject_log_dir
+
+    return subject_log_dir(output_dir, label, run_uuid) / STATUS_NAME
 
 
 def _write(output_dir: Path, label: str, record: dict) -> None:
     from bssfp2dt.io.nifti import write_json
 
-    path = status_path(output_dir, label)
+    path = status_path(output_dir, label, record["run_uuid"])
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(record, path)
 
@@ -52,9 +56,17 @@ def mark_complete(output_dir: Path, label: str, run_uuid: str, outputs: Iterable
 
 
 def read_status(output_dir: Path, label: str) -> dict | None:
-    """The subject's status record; None when there is none (or it cannot be read)."""
+    """The subject's newest status record; None when there is none (or it cannot be read)."""
+    candidates = []
+    for path in (Path(output_dir) / f"sub-{label}" / "log").glob(f"*/{STATUS_NAME}"):
+        try:
+            candidates.append((path.stat().st_mtime_ns, path))
+        except OSError:
+            continue
+    if not candidates:
+        return None
     try:
-        record = json.loads(status_path(output_dir, label).read_text())
+        record = json.loads(max(candidates)[1].read_text())
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None

@@ -13,9 +13,9 @@ selected subjects' folders; it never reruns the network. Writes under ``output_d
 Subjects with participant outputs but no error table (no reference tensor) are listed as excluded; if no
 subject has one, the report says so and the run still succeeds (exit 0). No participant results at all
 is a :class:`~bssfp2dt.errors.MissingInputError` (exit 66). Subjects whose participant run did not finish
-(``sub-<label>/log/status.json``, :mod:`bssfp2dt.pipeline.completion`) are left out and listed as
-excluded; the group outputs of the others are written, then the run exits 66 naming them and the
-command that finishes them.
+(``sub-<label>/log/<run_uuid>/status.json``, :mod:`bssfp2dt.pipeline.completion`) are left out and
+listed as excluded; the group outputs of the others are written, then the run exits 66 naming them
+and the command that finishes them.
 """
 from __future__ import annotations
 
