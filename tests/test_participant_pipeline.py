@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_config, tiny_pcbssfp_model  # noqa: E402
 
 from bssfp2dt.cli.run import main  # noqa: E402
+from bssfp2dt.errors import MissingInputError  # noqa: E402
 from bssfp2dt.config import (Config, ModelSettings, PathSettings, ResourceSettings, RunPlan,  # noqa: E402
                              RunSettings, SelectionSettings)
 from bssfp2dt.io import bids as bids_io  # noqa: E402
@@ -268,11 +269,13 @@ def _plan(run, output_dir: Path, subjects, stop_on_first_crash: bool, modality: 
 
 
 @pytest.mark.parametrize("stop", [False, True])
-def test_a_failing_subject_leaves_a_crash_file_and_exit_1(run, tmp_path, monkeypatch, stop):
+def test_a_failing_subject_leaves_a_crash_file_and_its_own_exit_code(run, tmp_path, monkeypatch, stop):
     monkeypatch.setattr(workflow, "settings_from_config", fast_settings(workflow.settings_from_config))
     no_t1w = bids_io.SubjectInputs(subject="99", sessions=())  # the workflow refuses a subject without T1w
     plan = _plan(run, tmp_path / "out", lambda inputs: (no_t1w,) + inputs, stop)
-    assert run_participant(plan) == 1
+    with pytest.raises(MissingInputError) as raised:  # a data error: the other subjects run, then exit 66
+        run_participant(plan)
+    assert raised.value.exit_code == 66 and raised.value.message == "sub-99 has no session with a T1w; add one"
     crashes = list((tmp_path / "out" / "sub-99" / "log" / "run7").glob("crash-*-sub-99-participant.txt"))
     assert len(crashes) == 1 and "no session with a T1w" in crashes[0].read_text()
     tensor = derivatives.tensor_map_paths("01", "1", "pc-bssfp", tmp_path / "out").diffusivity

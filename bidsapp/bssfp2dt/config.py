@@ -321,6 +321,11 @@ def _read_filter_file(path: Path) -> dict[str, Any]:
 
 
 def _check_bids_dir(bids_dir: Path) -> Path:
+    from bssfp2dt.messages import path_problem
+
+    problem = path_problem(bids_dir.expanduser(), "directory")
+    if problem is not None and problem.startswith(("is a symbolic link", "is a broken", "cannot")):
+        raise MissingInputError(f"bids_dir {bids_dir.expanduser().absolute()} {problem}")
     bids_dir = bids_dir.expanduser().resolve()
     if not bids_dir.exists():
         raise MissingInputError(f"bids_dir {bids_dir} does not exist; give the root of a BIDS dataset")
@@ -386,10 +391,16 @@ def check_writable(folder: Path, what: str) -> None:
 def _existing_file(path: Path | None, flag: str) -> Path | None:
     if path is None:
         return None
-    path = Path(path).expanduser().resolve()
-    if not path.is_file():
-        raise MissingInputError(f"{flag} {path} does not exist; check the path")
-    return path
+    from bssfp2dt.messages import path_problem
+
+    path = Path(path).expanduser()
+    problem = path_problem(path, "file")
+    if problem == "does not exist":
+        raise MissingInputError(f"{flag} {path.absolute()} does not exist; check the path")
+    if problem is not None:
+        advice = "" if ";" in problem else "; give the path of the file itself"
+        raise MissingInputError(f"{flag} {path.absolute()} {problem}{advice}")
+    return path.resolve()
 
 
 def _derivative_sources(values: list[tuple[str, Path]]) -> tuple[DerivativeSource, ...]:

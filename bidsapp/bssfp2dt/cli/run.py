@@ -1,7 +1,8 @@
 """``bssfp2dt bids_dir output_dir {participant,group}``: check everything, then hand over to a pipeline.
 
-Order: parse -> consistency checks -> BIDS validation -> input discovery and checks -> (dry run:
-print and stop) -> output dataset + per-subject config TOML -> pipeline. Nothing is written to
+Order: parse -> consistency checks -> BIDS validation -> input discovery and checks (headers, then
+content) -> (dry run: print and stop) -> the pipeline's own checks (participant: device and model) ->
+work-dir lock -> output dataset + per-subject config TOML -> pipeline. Nothing is written to
 output_dir before every input has been checked. Heavy modules (pybids, torch) load lazily, so
 ``--help`` and ``--version`` stay instant.
 """
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     """Check, discover and dispatch; raises :class:`Bssfp2dtError` subclasses for user errors."""
     from bssfp2dt.config import RunPlan, config_from_args
     from bssfp2dt.io import bids as bids_io
+    from bssfp2dt.io.content_checks import check_subjects
     from bssfp2dt.io.derivatives import check_output_dataset
 
     config = config_from_args(args, new_run_uuid(), bids_io.DEFAULT_QUERIES)
@@ -60,14 +62,28 @@ def run(args: argparse.Namespace) -> int:
     else:
         inputs = bids_io.discover(config)
         bids_io.require_inputs(inputs, config.selection.input_modality, training=config.training.stage is not None)
+        inputs = check_subjects(inputs, config.selection.input_modality, training=config.training.stage is not None)
         plan = RunPlan(config=config, subjects=inputs)
     if config.run.dry_run:
         print(describe_plan(plan))
         return 0
     pipeline = load_pipeline(_pipeline_name(config))
-    write_run_records(plan)
-    outcome = pipeline(plan)
+    prepared = check_pipeline(_pipeline_name(config), plan)  # device, model...: checked before writing
+    with _exclusive_work_dir(config):
+        write_run_records(plan)
+        outcome = pipeline(plan, **prepared)
     return 0 if outcome is None else int(outcome)
+
+
+def _exclusive_work_dir(config):
+    """The work dir's lock for the levels that use it (participant, training); the group level does not."""
+    from contextlib import nullcontext
+
+    from bssfp2dt.io.workdir_lock import work_dir_lock
+
+    if config.selection.analysis_level == "group" and not config.training.stage:
+        return nullcontext()
+    return work_dir_lock(config.paths.work_dir)
 
 
 def _pipeline_name(config) -> str:
@@ -76,8 +92,11 @@ def _pipeline_name(config) -> str:
 
 def _participant_results(config, subjects: Sequence[str]) -> dict:
     from bssfp2dt.io.derivatives import find_participant_results
+    from bssfp2dt.pipeline.completion import incomplete_subjects as subjects_incomplete
 
     results = find_participant_results(config.paths.output_dir, subjects)
+    if not results and subjects_incomplete(config.paths.output_dir, subjects):
+        return results  # the group level names the incomplete subjects and how to finish them
     if not results:
         raise MissingInputError(f"output_dir {config.paths.output_dir} has no participant results "
                                 "(*_param-diffusivity_dwimap.nii.gz); run the participant level first")
@@ -100,6 +119,13 @@ def load_pipeline(name: str) -> Callable:
         raise Bssfp2dtError(f"this build of {PROGRAM} has no {name} pipeline ({module_name}.{function_name}); "
                             "use a release that includes it")
     return function
+
+
+def check_pipeline(name: str, plan) -> dict:
+    """Run the pipeline module's ``check_<name>(plan)`` when it has one; its result is passed to the pipeline."""
+    module_name, _ = PIPELINES[name]
+    check = getattr(importlib.import_module(module_name), f"check_{name}", None)
+    return dict(check(plan)) if check is not None else {}
 
 
 def write_run_records(plan) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 
 from bssfp2dt.errors import MissingInputError, NoFilesSelectedError, UsageError
 from bssfp2dt.io.nifti import effective_shape
+from bssfp2dt.messages import capped, path_problem
 
 if TYPE_CHECKING:
     from bids import BIDSLayout
@@ -198,8 +199,8 @@ def select_subjects(available: Sequence[str], requested: Sequence[str], bids_dir
     unknown = [label for label in requested if label not in available]
     if unknown:
         raise NoFilesSelectedError(
-            f"--participant-label: no subject {', '.join('sub-' + u for u in unknown)} in {bids_dir}; "
-            f"available: {', '.join(available)}")
+            f"--participant-label: no subject {capped('sub-' + u for u in unknown)} in {bids_dir}; "
+            f"available: {capped(available)}")
     return tuple(requested)
 
 
@@ -259,6 +260,9 @@ def check_sidecars(bids_dir: Path, subjects: Sequence[str]) -> None:
                           if not any(part.startswith(".") for part in path.relative_to(bids_dir).parts))
     for path in sorted(candidates):
         if not path.is_file():
+            problem = path_problem(path, "file") if path.is_symlink() else None
+            if problem is not None:  # pybids would stop on it with an OSError
+                raise MissingInputError(f"{path} {problem}")
             continue
         try:
             content = json.loads(path.read_bytes())
@@ -331,7 +335,7 @@ def _select_sessions(layout: "BIDSLayout", subjects: Sequence[str],
         seen = {s for sessions in by_subject.values() for s in sessions}
         unknown = [label for label in requested if label not in seen]
         if unknown:
-            raise NoFilesSelectedError(f"--session-label: no session {', '.join('ses-' + u for u in unknown)} in "
+            raise NoFilesSelectedError(f"--session-label: no session {capped('ses-' + u for u in unknown)} in "
                                        f"the selected subjects; check the labels")
     return by_subject
 
@@ -357,7 +361,7 @@ def _session_inputs(layout: "BIDSLayout", priors_layouts: list[tuple[str, "BIDSL
 
 def _single(files: list[Path], what: str, where: str) -> Path | None:
     if len(files) > 1:
-        names = ", ".join(f.name for f in files)
+        names = capped(f.name for f in files)
         raise UsageError(f"{where}: several {what} match ({names}); select one with --bids-filter-file")
     return files[0] if files else None
 
@@ -604,6 +608,9 @@ def read_nifti_header(path: Path) -> Any:
         offset = int(getattr(image.dataobj, "offset", header.get_data_offset()))
         expected = offset + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
     except Exception as error:  # noqa: BLE001 - any failure to parse means the file is unusable
+        problem = path_problem(path, "file")
+        if problem is not None:
+            raise MissingInputError(f"{path} {problem}") from None
         raise MissingInputError(f"{path} is not a readable NIfTI file ({type(error).__name__}); "
                                 "re-export or replace it") from None
     if not _complete(Path(path), expected):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 
 from bssfp2dt import __version__
 from bssfp2dt.errors import MissingInputError
+from bssfp2dt.messages import path_problem
 from bssfp2dt.models.generator import (
     MODALITY_CHANNELS, PATCH_MULTIPLE, TENSOR_CHANNELS, Generator, GeneratorSize, check_modality,
 )
@@ -88,9 +90,10 @@ def load_release_checkpoint(path: Path | str, expected_sha256: str | None = None
     from ``expected_sha256`` (hex), or it is truncated, corrupt or not a bssfp2dt release checkpoint.
     """
     path = Path(path)
-    if not path.is_file():
-        raise MissingInputError(f"model checkpoint {path} does not exist; give the path of a bssfp2dt release "
-                                f"checkpoint")
+    problem = path_problem(path, "file")
+    if problem is not None:
+        advice = "" if ";" in problem else "; give the path of a bssfp2dt release checkpoint file"
+        raise MissingInputError(f"model checkpoint {path} {problem}{advice}")
     if expected_sha256 is not None:
         actual = sha256_file(path)
         if actual.lower() != expected_sha256.lower():
@@ -99,9 +102,7 @@ def load_release_checkpoint(path: Path | str, expected_sha256: str | None = None
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError... for damaged files
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise MissingInputError(f"model checkpoint {path} cannot be read (truncated or corrupt: {reason}); "
-                                f"replace the file") from None
+        raise _load_error(path, error) from None
     _check_payload(path, payload)
     spec = payload["generator"]
     size = GeneratorSize(name=spec["name"], features=tuple(spec["features"]), head_hidden=spec["head_hidden"],
@@ -117,6 +118,27 @@ def load_release_checkpoint(path: Path | str, expected_sha256: str | None = None
     generator.to(map_location).eval()
     metadata = {key: value for key, value in payload.items() if key != "state_dict"}
     return generator, metadata
+
+
+def _load_error(path: Path, error: Exception) -> MissingInputError:
+    """The one-line error for a checkpoint torch cannot load with ``weights_only=True``.
+
+    A file that holds Python objects beyond tensors and plain values (which unpickling could turn into
+    running code) is refused as unsafe, naming the object; torch's own hint to load it without
+    ``weights_only`` is not repeated. Anything else is a truncated or corrupt file.
+    """
+    text = str(error).strip()
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if text.startswith("Weights only load failed") and found:
+        return MissingInputError(f"model checkpoint {path} is unsafe: it holds Python code objects "
+                                 f"({found.group(1)}) besides weights, and bssfp2dt never loads those; use a "
+                                 "checkpoint exported by bssfp2dt from a source you trust")
+    # torch's own advice (load without weights_only) must not reach the user: keep only the cause.
+    hints = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(hints)]
+    reason = lines[0] if lines else type(error).__name__
+    return MissingInputError(f"model checkpoint {path} cannot be read (truncated or corrupt: {reason}); "
+                             f"replace the file")
 
 
 def _check_payload(path: Path, payload: Any) -> None:

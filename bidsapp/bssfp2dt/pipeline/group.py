@@ -12,7 +12,10 @@ selected subjects' folders; it never reruns the network. Writes under ``output_d
 
 Subjects with participant outputs but no error table (no reference tensor) are listed as excluded; if no
 subject has one, the report says so and the run still succeeds (exit 0). No participant results at all
-is a :class:`~bssfp2dt.errors.MissingInputError` (exit 66).
+is a :class:`~bssfp2dt.errors.MissingInputError` (exit 66). Subjects whose participant run did not finish
+(``sub-<label>/log/<run_uuid>/status.json``, :mod:`bssfp2dt.pipeline.completion`) are left out and
+listed as excluded; the group outputs of the others are written, then the run exits 66 naming them
+and the command that finishes them.
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ from bssfp2dt.evaluation.statistics import BRAIN, COLUMNS, TISSUES, frame_to_tsv
 from bssfp2dt.io.derivatives import (find_error_tables, group_dir, group_errors_path, group_figure_path,
                                      group_report_path, group_summary_path)
 from bssfp2dt.io.nifti import remove_stale_temporaries, write_text
+from bssfp2dt.messages import capped
+from bssfp2dt.pipeline.completion import finish_hint, incomplete_subjects
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +56,18 @@ def run_group(plan) -> int:
     Returns 0; raises MissingInputError (exit 66) when there are no participant results.
     """
     output_dir = Path(plan.config.paths.output_dir)
-    subjects = sorted(plan.participant_results)
+    incomplete = incomplete_subjects(output_dir, plan.config.selection.participant_labels)
+    for label, reason in incomplete.items():
+        logger.warning("sub-%s is incomplete and left out: %s", label, reason)
+    subjects = sorted(label for label in plan.participant_results if label not in incomplete)
     if not subjects:
+        _raise_incomplete(plan, incomplete)
         raise MissingInputError(f"output_dir {output_dir} has no participant results; run the participant level first")
     stale = remove_stale_temporaries(group_dir(output_dir))  # a killed earlier group run's unfinished files
     if stale:
         logger.info("removed %d unfinished file(s) of an interrupted group run", len(stale))
     frame, included, excluded = collect_tables(output_dir, subjects)
+    excluded.update({label: f"incomplete: {reason}" for label, reason in incomplete.items()})
     figure_paths: dict[str, Path] = {}
     summary = None
     try:
@@ -77,7 +87,21 @@ def run_group(plan) -> int:
     else:
         logger.info("group level: %d session pair(s) of %d subject(s) in %s", _count_pairs(frame), len(included),
                     report)
+    _raise_incomplete(plan, incomplete)
     return 0
+
+
+def _raise_incomplete(plan, incomplete: Mapping[str, str]) -> None:
+    """Exit 66 naming the incomplete subjects and how to finish them (the report lists them as excluded)."""
+    if not incomplete:
+        return
+    labels = sorted(incomplete)
+    config = plan.config
+    first = labels[0]
+    raise MissingInputError(
+        f"{len(labels)} subject(s) incomplete ({capped('sub-' + label for label in labels)}; sub-{first}: "
+        f"{incomplete[first]}); {finish_hint(config.paths.bids_dir, config.paths.output_dir, labels)}, or leave "
+        "them out with --participant-label, then rerun the group level")
 
 
 def collect_tables(output_dir: Path, subjects: Sequence[str]):

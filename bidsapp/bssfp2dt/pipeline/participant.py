@@ -13,8 +13,9 @@ session that has the model's input modality:
    (input session, DWI session) pair on the same grid.
 
 The model is loaded once, before any subject, so a missing or damaged checkpoint is one exit-66 line.
-Each failed subject leaves a crash file in ``sub-<label>/log/<run_uuid>/``; the return value is 1 if
-any subject failed, else 0.
+Each failed subject leaves a crash file in ``sub-<label>/log/<run_uuid>/``; once every subject has run,
+:func:`bssfp2dt.pipeline.outcome.exit_status` decides the exit: 0 when all succeeded, the failures' own
+one-line error (exit 66 for a data error) when they are all user errors, else 1.
 """
 from __future__ import annotations
 
@@ -72,27 +73,49 @@ class LoadedModel:
 
 
 # --------------------------------------------------------------------------- entry point
-def run_participant(plan) -> int:
-    """Process every subject of ``plan`` (:class:`bssfp2dt.config.RunPlan`); 0 when all succeeded, else 1."""
+def check_participant(plan) -> dict[str, Any]:
+    """Resolve the device and load the model: the checks that must pass before anything is written.
+
+    Returns the keyword arguments of :func:`run_participant` (``device``, ``model``).
+    """
     from bssfp2dt.inference.device import configure_cpu_threads, resolve_device
-    from bssfp2dt.io.derivatives import initialise_dataset
 
     config = plan.config
     configure_cpu_threads(config.resources.omp_nthreads)
     device = resolve_device(config.resources.device)
     model = load_model(config.selection.input_modality, config.model.model, device)
-    inference_patch_size(config, model)  # a patch the model cannot take stops the run before any preprocessing
+    inference_patch_size(config, model)  # a patch the model cannot take stops the run before anything is written
+    return {"device": device, "model": model}
+
+
+def run_participant(plan, device=None, model: LoadedModel | None = None) -> int:
+    """Process every subject of ``plan`` (:class:`bssfp2dt.config.RunPlan`); 0 when all succeeded.
+
+    ``device`` and ``model`` come from :func:`check_participant` (run here when not given).
+    """
+    from bssfp2dt.io.derivatives import initialise_dataset
+    from bssfp2dt.pipeline.completion import mark_complete, mark_started
+    from bssfp2dt.pipeline.outcome import exit_status
+
+    config = plan.config
+    if model is None or device is None:
+        prepared = check_participant(plan)
+        device, model = prepared["device"], prepared["model"]
     if not (config.paths.output_dir / "dataset_description.json").is_file():
         initialise_dataset(config.paths.output_dir, config.paths.bids_dir)
-    succeeded, failed = [], []
+    succeeded, failed, errors = [], [], {}
     for subject_inputs in plan.subjects:
         label = subject_inputs.subject
         started = time.perf_counter()
         try:
+            mark_started(config.paths.output_dir, label, config.run.run_uuid)
             with SubjectLog(config, label):
-                process_subject(plan, subject_inputs, model, device)
+                written = process_subject(plan, subject_inputs, model, device)
+            mark_complete(config.paths.output_dir, label, config.run.run_uuid, written)
         except Exception as error:  # noqa: BLE001 - one subject's failure must not lose the others
             failed.append(label)
+            errors[label] = error
+            _mark_failed(config, label, error)
             crash = write_crash_file(config, label, error)
             logger.error("sub-%s failed after %.1f s: %s (crash file %s)", label, time.perf_counter() - started,
                          getattr(error, "message", None) or f"{type(error).__name__}: {error}", crash)
@@ -107,7 +130,17 @@ def run_participant(plan) -> int:
                 f" ({', '.join(succeeded)})" if succeeded else "", len(failed),
                 f" ({', '.join(failed)})" if failed else "",
                 f", {len(not_run)} not run ({', '.join(not_run)})" if not_run else "")
-    return 1 if failed else 0
+    return exit_status(errors)
+
+
+def _mark_failed(config, label: str, error: BaseException) -> None:
+    from bssfp2dt.pipeline.completion import mark_failed
+
+    try:
+        mark_failed(config.paths.output_dir, label, config.run.run_uuid,
+                    getattr(error, "message", None) or f"{type(error).__name__}: {error}")
+    except OSError:  # the crash file and the log report the failure; the status stays "incomplete"
+        pass
 
 
 def load_model(modality: str, model_path: Path | None, device) -> LoadedModel:
@@ -152,6 +185,7 @@ def _require_normalization(normalization, modality: str) -> None:
 # --------------------------------------------------------------------------- one subject
 def process_subject(plan, subject_inputs, model: LoadedModel, device) -> list[Path]:
     """Preprocess, predict, write and evaluate one subject; return the written prediction images."""
+    from bssfp2dt.io.content_checks import check_registered_bssfp
     from bssfp2dt.preprocessing.workflow import run_preprocessing
 
     config = plan.config
@@ -167,6 +201,8 @@ def process_subject(plan, subject_inputs, model: LoadedModel, device) -> list[Pa
         if not _has_input(session, model.modality):
             logger.info("sub-%s ses-%s: no %s input, nothing to predict", label, session.session, model.modality)
             continue
+        if model.modality in ("pc-bssfp", "bssfp"):
+            check_registered_bssfp(session, raw_sessions[session.session].bssfp)
         tensor, files = predict_session(config, session, raw_sessions[session.session], model, device)
         predictions[session.session] = (tensor, files.diffusivity)
         written.extend(files.all())
@@ -343,8 +379,10 @@ def evaluate_subject(config, preprocessed, raw_sessions, predictions, model: Loa
     from bssfp2dt.evaluation.report import evaluate_participant
     from bssfp2dt.evaluation.statistics import EvaluationEntities
     from bssfp2dt.io import derivatives
+    from bssfp2dt.io.content_checks import reference_overlaps
 
-    references = [session for session in preprocessed.sessions if session.tensor is not None]
+    references = [session for session in preprocessed.sessions if session.tensor is not None
+                  and reference_overlaps(session.tensor, session.brain_mask, preprocessed.subject, session.session)]
     if not references:
         logger.info("sub-%s: no DWI session, so no evaluation", preprocessed.subject)
         return

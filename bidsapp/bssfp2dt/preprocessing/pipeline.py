@@ -105,7 +105,10 @@ def _out(out_dir: str | Path, name: str) -> Path:
 
 
 def _load(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    return load_nifti(path)  # scaled values, singleton dimensions past the third dropped
+    from bssfp2dt.io.content_checks import finite
+
+    data, affine = load_nifti(path)  # scaled values, singleton dimensions past the third dropped
+    return finite(np.asarray(data)), affine  # the few non-finite values input checks allowed become 0
 
 
 def _save(data: np.ndarray, affine: np.ndarray, out_dir: str | Path, name: str, dtype: Any = np.float32) -> str:
@@ -231,6 +234,7 @@ def prepare_bssfp(magnitude: str, phase: str, phase_units: str, settings: Mappin
     timer = _Timer("prepare_bssfp")
     options = PreprocSettings.from_dict(settings)
     magnitude_data, affine = _load(magnitude)
+    magnitude_data = np.maximum(magnitude_data, 0)  # the few negative values input checks allowed become 0
     phase_data, _ = _load(phase)
     signal = bssfp.to_complex(magnitude_data, bssfp.rescale_phase(phase_data, phase_units))
     phases = bssfp.global_phases(signal)

@@ -31,7 +31,8 @@ from typing import Any, Iterator, Sequence
 import nibabel as nib
 import numpy as np
 
-from bssfp2dt.errors import Bssfp2dtError, MissingInputError
+from bssfp2dt.errors import MissingInputError
+from bssfp2dt.pipeline.node_errors import is_dwi_node, node_failures, preprocessing_error
 from bssfp2dt.preprocessing.pipeline import PreprocSettings, check_settings
 
 logger = logging.getLogger(__name__)
@@ -303,6 +304,23 @@ def configure_nipype(verbosity: int = 0) -> None:
     nipype_logging.update_logging(nipype_config)
     for name in NIPYPE_LOGGERS:
         logging.getLogger(name).setLevel(level)
+    # A failed node is reported as one line by run_preprocessing; its traceback only with -vv (and in
+    # the crash file), so nipype's error records (which carry it) are dropped below that.
+    for name in NIPYPE_LOGGERS:
+        nipype_logger = logging.getLogger(name)
+        for old in [f for f in nipype_logger.filters if isinstance(f, _NodeErrorFilter)]:
+            nipype_logger.removeFilter(old)
+        if verbosity < 2:
+            nipype_logger.addFilter(_NodeErrorFilter())
+
+
+class _NodeErrorFilter(logging.Filter):
+    """Drops nipype's node-failure records (error, traceback, "[Node] Error on") below ``-vv``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        return not (record.levelno >= logging.ERROR or "Traceback" in text or text.startswith("[Node] Error")
+                    or "Storing result file without outputs" in text)
 
 
 def settings_from_config(config) -> PreprocSettings:
@@ -358,9 +376,15 @@ def run_preprocessing(plan_or_config, subject_inputs, settings: PreprocSettings 
                 graph = workflow.run(plugin="MultiProc", plugin_args={"n_procs": nprocs, "raise_insufficient": False})
             else:
                 graph = workflow.run(plugin="Linear")
-    except RuntimeError as error:
-        raise Bssfp2dtError(f"sub-{subject_inputs.subject}: preprocessing failed ({error}); see the crash files "
-                            f"in {crash_dir}") from None
+    except RuntimeError:
+        failures = node_failures(crash_dir, started)
+        has_dwi = any(session.dwi is not None for session in subject_inputs.sessions)
+        if has_dwi and failures and all(is_dwi_node(f.node) for f in failures) and not _dwi_required(config):
+            # The DWI is only the evaluation's reference: predict without it rather than lose the subject.
+            logger.warning("sub-%s: the DWI cannot give a tensor (%s: %s); the prediction is still made, its "
+                           "evaluation is skipped", subject_inputs.subject, failures[0].node, failures[0].message)
+            return run_preprocessing(plan_or_config, _without_dwi(subject_inputs), settings)
+        raise preprocessing_error(subject_inputs, failures, crash_dir) from None
     _log_steps(graph, subject_inputs.subject, started)
     folder = Path(config.paths.work_dir) / workflow.name
     subject = PreprocessedSubject(subject_inputs.subject, tuple(_read_summary(folder / name)
@@ -368,6 +392,19 @@ def run_preprocessing(plan_or_config, subject_inputs, settings: PreprocSettings 
     if config.model.write_preproc:
         write_preprocessed(subject, config)
     return subject
+
+
+def _dwi_required(config) -> bool:
+    """Training and ``--input-modality dwi-tensor`` need the DWI; otherwise it is optional."""
+    training = getattr(getattr(config, "training", None), "stage", None)
+    return bool(training) or config.selection.input_modality == "dwi-tensor"
+
+
+def _without_dwi(subject_inputs):
+    import dataclasses
+
+    return dataclasses.replace(subject_inputs, sessions=tuple(dataclasses.replace(session, dwi=None)
+                                                              for session in subject_inputs.sessions))
 
 
 def _log_steps(graph, subject: str, started: float) -> None:
