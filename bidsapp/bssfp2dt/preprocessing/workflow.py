@@ -307,26 +307,36 @@ def configure_nipype(verbosity: int = 0) -> None:
 
 def settings_from_config(config) -> PreprocSettings:
     """Preprocessing settings implied by a run :class:`bssfp2dt.config.Config`."""
+    from bssfp2dt.preprocessing.pipeline import motion_settings, registration_settings
+    from bssfp2dt.preprocessing.unringing import resolve_method
+
     options = config.preprocessing
-    return PreprocSettings(single_bssfp=config.selection.input_modality == "bssfp",
-                           gibbs=options.unringing_method != "none", motion_correction=options.hmc_model != "none",
+    gibbs = options.unringing_method != "none"
+    backend = getattr(options, "registration_backend", "ants")
+    return PreprocSettings(single_bssfp=config.selection.input_modality == "bssfp", gibbs=gibbs,
+                           unringing=resolve_method(options.unringing_method if gibbs else "auto"),
+                           motion_correction=options.hmc_model != "none",
+                           registration=registration_settings(backend), motion_registration=motion_settings(backend),
                            omp_nthreads=config.resources.omp_nthreads)
 
 
 @contextmanager
-def threads_for_nodes(omp_nthreads: int) -> Iterator[None]:
-    """Set ``THREADS_ENV`` for the nodes run inside (MultiProc workers inherit it), then restore it."""
-    from bssfp2dt.preprocessing.pipeline import THREADS_ENV
+def threads_for_nodes(omp_nthreads: int, nprocs: int = 1) -> Iterator[None]:
+    """Set ``THREADS_ENV`` and ``NPROCS_ENV`` for the nodes run inside (MultiProc workers inherit them),
+    then restore them."""
+    from bssfp2dt.preprocessing.pipeline import NPROCS_ENV, THREADS_ENV
 
-    previous = os.environ.get(THREADS_ENV)
-    os.environ[THREADS_ENV] = str(int(omp_nthreads))
+    values = {THREADS_ENV: str(int(omp_nthreads)), NPROCS_ENV: str(int(nprocs))}
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop(THREADS_ENV, None)
-        else:
-            os.environ[THREADS_ENV] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def run_preprocessing(plan_or_config, subject_inputs, settings: PreprocSettings | None = None) -> PreprocessedSubject:
@@ -353,9 +363,9 @@ def run_preprocessing(plan_or_config, subject_inputs, settings: PreprocSettings 
     logger.info("sub-%s: preprocessing (%d session(s), work dir %s, %s)", subject_inputs.subject, len(collect),
                 config.paths.work_dir, f"MultiProc n_procs={nprocs}" if nprocs > 1 else "Linear")
     try:
-        with threads_for_nodes(settings.omp_nthreads):
+        with threads_for_nodes(settings.omp_nthreads, nprocs):
             if nprocs > 1:
-                graph = workflow.run(plugin="MultiProc", plugin_args={"n_procs": nprocs, "raise_insufficient": False})
+                graph = workflow.run(plugin="MultiProc", plugin_args=multiproc_args(nprocs, config.resources.mem_mb))
             else:
                 graph = workflow.run(plugin="Linear")
     except RuntimeError as error:
@@ -368,6 +378,14 @@ def run_preprocessing(plan_or_config, subject_inputs, settings: PreprocSettings 
     if config.model.write_preproc:
         write_preprocessed(subject, config)
     return subject
+
+
+def multiproc_args(nprocs: int, mem_mb: int | None) -> dict[str, Any]:
+    """nipype MultiProc arguments: ``--nprocs`` processes and, with ``--mem``, its memory in GB (as fMRIPrep)."""
+    arguments: dict[str, Any] = {"n_procs": int(nprocs), "raise_insufficient": False}
+    if mem_mb:
+        arguments["memory_gb"] = round(int(mem_mb) / 1024, 3)
+    return arguments
 
 
 def _log_steps(graph, subject: str, started: float) -> None:
