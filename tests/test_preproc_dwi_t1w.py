@@ -15,7 +15,7 @@ from bssfp2dt.preprocessing.resampling import resample
 
 VOXEL_MM = 3.0
 FAST = RegistrationSettings(level_iters=(100, 50), sigmas=(1.0, 0.0), factors=(2, 1))
-ANTS = dataclasses.replace(FAST, backend="ants")
+ANTS = dataclasses.replace(FAST, backend="ants", nbins=64)
 
 
 def _grid(shape, voxel=VOXEL_MM):
