@@ -136,11 +136,12 @@ def _collect_node(subject, session, t1w_session, t1w, brain_mask, gm, wm, csf, b
 
 
 # --------------------------------------------------------------------------- building
-def _function_node(function, inputs: dict[str, Any], outputs: Sequence[str], name: str):
+def _function_node(function, inputs: dict[str, Any], outputs: Sequence[str], name: str, mem_gb: float = 0.5):
     from nipype.interfaces.utility import Function
     from nipype.pipeline.engine import Node
 
-    node = Node(Function(input_names=list(inputs), output_names=list(outputs), function=function), name=name)
+    node = Node(Function(input_names=list(inputs), output_names=list(outputs), function=function), name=name,
+                mem_gb=mem_gb)
     for key, value in inputs.items():
         if value is not _CONNECTED:
             setattr(node.inputs, key, value)
@@ -148,6 +149,14 @@ def _function_node(function, inputs: dict[str, Any], outputs: Sequence[str], nam
 
 
 _CONNECTED = object()  # marks an input that an edge fills
+
+
+def memory_estimate_gb(image: str | Path, bytes_per_value: int, copies: float) -> float:
+    """A node's memory estimate for nipype's MultiProc scheduler (``--mem``): ``copies`` arrays of the image's
+    voxels x volumes at ``bytes_per_value`` (from the header, nothing read), plus 0.5 GB of interpreter and
+    libraries."""
+    values = float(np.prod(nib.load(str(image)).shape))
+    return round(0.5 + values * bytes_per_value * copies / 2 ** 30, 2)
 
 
 def _node_label(label: str | None) -> str:
@@ -251,7 +260,8 @@ def _bssfp_branch(workflow, session, tag: str, options: dict, grid, collector):
     bssfp = session.bssfp
     prepare = _function_node(_bssfp_prepare_node, {"magnitude": str(bssfp.magnitude), "phase": str(bssfp.phase),
                                                    "phase_units": bssfp.phase_units, "settings": options},
-                             ["complex_path", "reference", "provenance"], f"bssfp_prepare_ses{tag}")
+                             ["complex_path", "reference", "provenance"], f"bssfp_prepare_ses{tag}",
+                             mem_gb=memory_estimate_gb(bssfp.magnitude, 16, 6))  # complex128 and its copies
     register = _function_node(_register_node, {"t1w": str(session.t1w.image), "moving": _CONNECTED,
                                                "settings": options, "what": "bssfp"},
                               ["transform", "provenance"], f"bssfp_register_ses{tag}")
@@ -270,7 +280,8 @@ def _dwi_branch(workflow, session, tag: str, options: dict, grid, collector):
     dwi = session.dwi
     prepare = _function_node(_dwi_prepare_node, {"dwi": str(dwi.image), "bval": str(dwi.bval), "bvec": str(dwi.bvec),
                                                  "settings": options},
-                             ["dwi", "bvec", "mask", "mean_b0", "provenance"], f"dwi_prepare_ses{tag}")
+                             ["dwi", "bvec", "mask", "mean_b0", "provenance"], f"dwi_prepare_ses{tag}",
+                             mem_gb=memory_estimate_gb(dwi.image, 8, 5))  # float64 series, corrected copy
     fit = _function_node(_tensor_fit_node, {"dwi": _CONNECTED, "bval": str(dwi.bval), "bvec": _CONNECTED,
                                             "mask": _CONNECTED}, ["tensor", "provenance"], f"dwi_tensor_ses{tag}")
     register = _function_node(_register_node, {"t1w": str(session.t1w.image), "moving": _CONNECTED,
