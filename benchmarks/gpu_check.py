@@ -75,7 +75,6 @@ def inference(size: str, shape: tuple[int, int, int], patch: int, device, repeat
                                                        device=device, out_channels=6), device, repeats)
     record["windows_peak_mib"] = peak_bytes(device) / 2 ** 20
     record["whole_vs_windows"] = record["windows_s"] / record["whole_s"]
-    del generator
     return record
 
 

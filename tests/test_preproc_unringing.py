@@ -31,7 +31,8 @@ def ringing_phantom(n: int = 48, upsample: int = 4, slices: int = 2) -> tuple[np
 
 def away_from_edges(truth: np.ndarray, margin: int = 2) -> np.ndarray:
     """Voxels more than ``margin`` voxels from any intensity edge (where ringing, not blur, is the error)."""
-    edge = (np.abs(np.diff(truth, axis=0, prepend=truth[:1])) + np.abs(np.diff(truth, axis=1, prepend=truth[:, :1]))) > 0
+    edge = (np.abs(np.diff(truth, axis=0, prepend=truth[:1]))
+            + np.abs(np.diff(truth, axis=1, prepend=truth[:, :1]))) > 0
     near = np.zeros_like(edge)
     for shift in range(-margin, margin + 1):
         near |= np.roll(edge, shift, axis=0) | np.roll(edge, shift, axis=1)
