@@ -119,11 +119,12 @@ def registration_settings(backend: str = "ants") -> RegistrationSettings:
 
 
 def motion_settings(backend: str = "ants") -> RegistrationSettings:
-    """Volume -> mean b0 settings of a back end: two levels (2 mm data, small motions)."""
+    """Volume -> mean b0 settings of a back end: two levels (2 mm data, small motions). ANTs samples a quarter
+    of the voxels (at least 100k points, so small test images are sampled densely)."""
     if backend == "dipy":
         return RegistrationSettings(nbins=32, level_iters=(100, 50), sigmas=(1.0, 0.0), factors=(2, 1))
-    return RegistrationSettings(nbins=32, level_iters=(100, 50), sigmas=(1.0, 0.0), factors=(2, 1), backend=backend,
-                                gradient_step=0.1)
+    return RegistrationSettings(nbins=32, sampling_proportion=0.25, level_iters=(100, 50), sigmas=(1.0, 0.0),
+                                factors=(2, 1), backend=backend, gradient_step=0.1)
 
 
 def _registration_settings(values: Mapping[str, Any]) -> RegistrationSettings:
