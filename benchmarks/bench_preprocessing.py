@@ -1,80 +1,217 @@
-"""Step-by-step time of the preprocessing workflow on one full-size simulated subject.
+"""Preprocessing steps, new path against the old one, in the same run, on one full-size simulated subject.
 
 Simulates (unless ``--bids-dir`` is given) ``bssfp2dt-simulate OUT --subjects 1 --bssfp-sessions 1
---dwi-sessions 1`` (MNI anatomy, 1 mm T1w, 1.4 mm pc-bSSFP, 2 mm DWI), runs
-:func:`bssfp2dt.preprocessing.workflow.run_preprocessing` with the default settings (Gibbs, DWI motion
-correction; ``--no-motion-correction`` / ``--no-gibbs`` to leave them out) in a fresh work directory,
-prints every step's time from the provenance records, then reruns with the same work directory: the
-rerun is the cached reference (it should execute nothing), measured in the same run.
+--dwi-sessions 1`` (MNI anatomy, 1 mm T1w, 1.4 mm pc-bSSFP, 2 mm DWI). Every step runs in its own fresh
+Python process, which reports its CPU time (its own plus its children's: ``mrdegibbs`` and the motion
+correction's workers) and its peak resident memory:
 
-Run: ``.venv/bin/python benchmarks/bench_preprocessing.py [--work /tmp/bench_preproc] [--nprocs 1]``
+| step | old | new |
+|---|---|---|
+| bSSFP -> T1w and b0 -> T1w rigid registration | dipy MI on the native T1w | ANTs (antspyx) on the 2 mm T1w |
+| Gibbs removal, bSSFP real/imaginary volumes and DWI volumes | dipy ``gibbs_removal`` | MRtrix3 ``mrdegibbs`` |
+| DWI head-motion correction | dipy, serial | ANTs, ``--nprocs`` workers |
+
+``--reduced N`` (the default, 4) times the slow old Gibbs and motion-correction steps on N volumes only
+and the new ones on the same N (ratios per volume are what is compared); ``--reduced 0`` runs them on all.
+Optionally (``--workflow``) also the whole preprocessing workflow with the default settings.
+
+Run: ``.venv/bin/python benchmarks/bench_preprocessing.py [--work /tmp/bench_preproc] [--nprocs 2]``
 """
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
-import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+STEPS = ("register_bssfp", "register_dwi", "gibbs_bssfp", "gibbs_dwi", "motion")
+
 
 def machine_description() -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{platform.machine()} {platform.processor() or ''} {cores} cores available, Python {sys.version.split()[0]}"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{platform.machine()} {platform.processor() or ''} {cores} cores available, load average {load:.1f}, "
+            f"Python {sys.version.split()[0]}")
+
+
+# --------------------------------------------------------------------------- one step (child process)
+def _inputs(bids_dir: Path) -> dict:
+    subject = bids_dir / "sub-01"
+    found = {"t1w": sorted(subject.rglob("*_T1w.nii.gz"))[0], "dwi": sorted(subject.rglob("*_dwi.nii.gz"))[0]}
+    found["magnitude"] = next(p for p in sorted(subject.rglob("*.nii.gz")) if "part-mag" in p.name)
+    found["phase"] = Path(str(found["magnitude"]).replace("part-mag", "part-phase"))
+    return found
+
+
+def _bssfp_signal(files: dict):
+    import numpy as np
+
+    from bssfp2dt.io.nifti import load_nifti
+    from bssfp2dt.preprocessing import bssfp
+
+    magnitude, affine = load_nifti(files["magnitude"])
+    phase, _ = load_nifti(files["phase"])
+    units = json.loads(Path(str(files["phase"]).replace(".nii.gz", ".json")).read_text()).get("Units", "arbitrary")
+    signal = bssfp.to_complex(magnitude, bssfp.rescale_phase(phase, units))
+    return signal * np.exp(-1j * bssfp.global_phases(signal)), affine
+
+
+def _dwi(files: dict):
+    from bssfp2dt.io.nifti import load_nifti
+    from bssfp2dt.preprocessing import dwi
+
+    data, affine = load_nifti(files["dwi"])
+    stem = str(files["dwi"]).replace(".nii.gz", "")
+    bvals, bvecs = dwi.read_bvals_bvecs(stem + ".bval", stem + ".bvec")
+    return data, affine, bvals, bvecs
+
+
+def run_step(step: str, path: str, bids_dir: Path, reduced: int, nprocs: int) -> dict:
+    """Run one step (``path`` "old" or "new") on the subject; returns what it measured besides time."""
+    import numpy as np
+
+    from bssfp2dt.io.nifti import load_nifti
+    from bssfp2dt.preprocessing import dwi as dwi_steps
+    from bssfp2dt.preprocessing import pipeline, registration
+
+    files = _inputs(bids_dir)
+    backend = "dipy" if path == "old" else "ants"
+    method = "dipy" if path == "old" else "mrdegibbs"
+    if step.startswith("register"):
+        t1w, t1w_affine = load_nifti(files["t1w"])
+        if step == "register_bssfp":
+            signal, affine = _bssfp_signal(files)
+            moving = np.abs(signal).mean(axis=-1)
+        else:
+            data, affine, bvals, _ = _dwi(files)
+            moving = dwi_steps.mean_b0(data, bvals)
+        static, static_affine = np.asarray(t1w, dtype=np.float64), t1w_affine
+        if backend == "ants":
+            static, static_affine = pipeline.registration_image(static, static_affine, 2.0)
+        started = time.process_time()
+        transform = registration.register(static, static_affine, moving, affine, "rigid",
+                                          settings=pipeline.registration_settings(backend), initial=np.eye(4))
+        return {"step_cpu_self": time.process_time() - started, "transform": transform.tolist(), "volumes": 1}
+    if step == "gibbs_bssfp":
+        from bssfp2dt.preprocessing.unringing import remove_gibbs_real
+
+        signal, _ = _bssfp_signal(files)
+        parts = np.concatenate([signal.real, signal.imag], axis=-1)
+        parts = parts[..., :reduced] if reduced else parts
+        remove_gibbs_real(parts, method=method)
+        return {"volumes": parts.shape[-1]}
+    if step == "gibbs_dwi":
+        from bssfp2dt.preprocessing.unringing import remove_gibbs_real
+
+        data = _dwi(files)[0]
+        data = data[..., :reduced] if reduced else data
+        remove_gibbs_real(data, method=method)
+        return {"volumes": data.shape[-1]}
+    if step == "motion":
+        data, affine, bvals, bvecs = _dwi(files)
+        if reduced:  # the b0s (the reference) and the first diffusion-weighted volumes
+            keep = np.concatenate([np.flatnonzero(bvals <= dwi_steps.B0_THRESHOLD),
+                                   np.flatnonzero(bvals > dwi_steps.B0_THRESHOLD)[:reduced]])
+            data, bvals, bvecs = data[..., keep], bvals[keep], bvecs[keep]
+        mask = dwi_steps.brain_mask(data, bvals)
+        dwi_steps.motion_correct(data, affine, bvals, bvecs, mask=mask, settings=pipeline.motion_settings(backend),
+                                 n_procs=1 if path == "old" else nprocs)
+        return {"volumes": int(data.shape[-1])}
+    raise ValueError(f"unknown step {step}")
+
+
+def _child(step: str, path: str, bids_dir: str, reduced: int, nprocs: int) -> None:
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu, wall = time.process_time(), time.perf_counter()
+    record = run_step(step, path, Path(bids_dir), reduced, nprocs)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    record.update(cpu_s=time.process_time() - cpu + (children.ru_utime - before.ru_utime)
+                  + (children.ru_stime - before.ru_stime), wall_s=time.perf_counter() - wall,
+                  peak_mib=max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, children.ru_maxrss) / 1024)
+    print("RESULT " + json.dumps(record))
+
+
+def measure(step: str, path: str, bids_dir: Path, reduced: int, nprocs: int) -> dict:
+    """Run :func:`run_step` in a fresh interpreter (imports and caches do not carry over between steps)."""
+    command = [sys.executable, __file__, "--child", step, path, str(bids_dir), str(reduced), str(nprocs)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    if result.returncode or not lines:
+        raise RuntimeError(f"{step} ({path}) failed:\n{result.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+# --------------------------------------------------------------------------- main
+def simulate(bids_dir: Path) -> None:
+    from bssfp2dt.simulation.dataset import SimulationConfig, simulate_dataset
+
+    started = time.perf_counter()
+    simulate_dataset(bids_dir, SimulationConfig(n_subjects=1, bssfp_sessions=1, dwi_sessions=1), progress=False)
+    print(f"simulation: {time.perf_counter() - started:.1f} s")
+
+
+def registration_errors(bids_dir: Path, step: str, transform) -> str:
+    """Rotation (deg) and largest displacement in the brain (mm) against the simulator's recorded poses."""
+    import nibabel as nib
+    import numpy as np
+
+    from bssfp2dt.preprocessing import registration
+
+    truth = bids_dir / "derivatives" / "bssfp2dt-truth" / "sub-01"
+    record = json.loads((truth / "sub-01_simulation.json").read_text())
+    from bssfp2dt.simulation.geometry import RigidPose
+
+    poses = {scan["modality"]: RigidPose(tuple(scan["pose"]["rotation_deg"]), tuple(scan["pose"]["translation_mm"]))
+             for scan in record["subject"]["scans"]}
+    modality = "pcbssfp" if step == "register_bssfp" else "dwi"
+    expected = poses[modality].matrix @ np.linalg.inv(poses["t1w"].matrix)
+    mask = nib.load(truth / "anat" / "sub-01_space-T1w_desc-brain_mask.nii.gz")
+    points = np.argwhere(np.asarray(mask.dataobj) > 0) @ mask.affine[:3, :3].T + mask.affine[:3, 3]
+    residual = np.linalg.inv(expected) @ np.asarray(transform)
+    return (f"{registration.rotation_angle_deg(residual):.3f} deg, "
+            f"{registration.displacement_mm(residual, points).max():.2f} mm")
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        _child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_preproc"))
     parser.add_argument("--bids-dir", type=Path, help="an existing simulated dataset (skips simulation)")
-    parser.add_argument("--nprocs", type=int, default=1)
-    parser.add_argument("--no-motion-correction", action="store_true")
-    parser.add_argument("--no-gibbs", action="store_true")
+    parser.add_argument("--nprocs", type=int, default=2, help="workers of the new motion correction")
+    parser.add_argument("--reduced", type=int, default=4,
+                        help="volumes for the Gibbs and motion-correction steps (0: all)")
+    parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
 
-    from bssfp2dt.config import (Config, ModelSettings, PathSettings, ResourceSettings, RunSettings,
-                                 SelectionSettings)
-    from bssfp2dt.io import bids as bids_io
-    from bssfp2dt.preprocessing.pipeline import PreprocSettings
-    from bssfp2dt.preprocessing.workflow import run_preprocessing
-    from bssfp2dt.simulation.dataset import SimulationConfig, simulate_dataset
+    from bssfp2dt.preprocessing.unringing import mrdegibbs_available
 
-    print(f"machine: {machine_description()} (shared with other users: timings are indicative)")
-    bids_dir = args.bids_dir
-    if bids_dir is None:
-        bids_dir = args.work / "bids"
-        if not bids_dir.exists():
-            started = time.perf_counter()
-            simulate_dataset(bids_dir, SimulationConfig(n_subjects=1, bssfp_sessions=1, dwi_sessions=1), progress=False)
-            print(f"simulation: {time.perf_counter() - started:.1f} s")
-    work = args.work / "work"
-    shutil.rmtree(work, ignore_errors=True)
-    config = Config(paths=PathSettings(bids_dir=bids_dir.resolve(), output_dir=args.work / "out", work_dir=work),
-                    selection=SelectionSettings(analysis_level="participant",
-                                                bids_queries=json.dumps(bids_io.DEFAULT_QUERIES)),
-                    resources=ResourceSettings(nprocs=args.nprocs, omp_nthreads=1), run=RunSettings(run_uuid="bench"))
-    inputs = bids_io.discover(config)[0]
-    for session in inputs.sessions:
-        print(session.describe())
-    settings = PreprocSettings(gibbs=not args.no_gibbs, motion_correction=not args.no_motion_correction)
-    started = time.perf_counter()
-    result = run_preprocessing(config, inputs, settings)
-    first = time.perf_counter() - started
-    started = time.perf_counter()
-    run_preprocessing(config, inputs, settings)
-    cached = time.perf_counter() - started
-    record = json.loads(result.sessions[0].provenance.read_text())
-    print(f"\n{'step':<28}{'seconds':>10}")
-    for step in record["steps"]:
-        print(f"{step['step']:<28}{step['seconds']:>10.1f}")
-    print(f"{'sum of steps':<28}{sum(step['seconds'] for step in record['steps']):>10.1f}")
-    print(f"{'workflow wall time':<28}{first:>10.1f}")
-    print(f"{'rerun (all cached)':<28}{cached:>10.1f}   ratio first/cached {first / cached:.0f}x")
+    print(f"machine: {machine_description()} (shared with other users: timings are indicative; CPU time is "
+          "the figure compared)")
+    bids_dir = args.bids_dir or args.work / "bids"
+    if not bids_dir.exists():
+        simulate(bids_dir)
+    if not mrdegibbs_available():
+        print("mrdegibbs not on the PATH (Debian package mrtrix3): the Gibbs steps compare dipy with dipy")
+    print(f"\n{'step':<16}{'volumes':>8}{'old CPU s':>11}{'new CPU s':>11}{'ratio':>8}"
+          f"{'old MiB':>9}{'new MiB':>9}  accuracy (old | new)")
+    for step in args.steps:
+        old = measure(step, "old", bids_dir, args.reduced, args.nprocs)
+        new = measure(step, "new", bids_dir, args.reduced, args.nprocs)
+        ratio = (old["cpu_s"] / old["volumes"]) / (new["cpu_s"] / new["volumes"])
+        accuracy = ""
+        if "transform" in old:
+            accuracy = f"{registration_errors(bids_dir, step, old['transform'])} | " \
+                       f"{registration_errors(bids_dir, step, new['transform'])}"
+        print(f"{step:<16}{new['volumes']:>8}{old['cpu_s']:>11.1f}{new['cpu_s']:>11.1f}{ratio:>7.1f}x"
+              f"{old['peak_mib']:>9.0f}{new['peak_mib']:>9.0f}  {accuracy}", flush=True)
 
 
 if __name__ == "__main__":

@@ -171,3 +171,74 @@ def test_oom_on_the_cpu_and_other_errors_are_not_caught():
 
     with pytest.raises(ValueError):
         predict_with_oom_fallback(broken, 2, torch.device("cuda"))
+
+
+# ---------------------------------------------------------------- whole-volume pass
+def _conv_network(seed: int = 0, norm: bool = False) -> torch.nn.Module:
+    """Two 3x3x3 convolutions (receptive-field radius 2 voxels) with a 2x down/up-sampling in between."""
+    torch.manual_seed(seed)
+    layers = [torch.nn.Conv3d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AvgPool3d(2),
+              torch.nn.Upsample(scale_factor=2), torch.nn.Conv3d(4, 2, 3, padding=1)]
+    if norm:
+        layers.insert(1, torch.nn.InstanceNorm3d(4))
+    return torch.nn.Sequential(*layers).eval()
+
+
+def _interior(n: int, patch: int, stride: int, radius: int) -> np.ndarray:
+    """Along one axis: positions at least ``radius`` from every inner window edge (MONAI's window starts:
+    every ``stride``, the last one flush with the end); the volume's own ends are no inner edge."""
+    starts = sorted(set(list(range(0, n - patch + 1, stride)) + [n - patch]))
+    inside = np.ones(n, dtype=bool)
+    for start in starts:
+        for x in range(start, start + patch):
+            near_low = x - start < radius and start > 0
+            near_high = start + patch - 1 - x < radius and start + patch < n
+            inside[x] &= not (near_low or near_high)
+    return inside
+
+
+def test_whole_volume_pass_agrees_with_sliding_windows_up_to_border_blending():
+    """Where no window edge lies within the receptive field, every window sees what the whole volume sees, so
+    the Gaussian-blended windows equal the single pass there; near inner window edges they differ by the zero
+    padding each window adds (the border blending)."""
+    from bssfp2dt.inference.predict import predict_whole
+
+    network = _conv_network()
+    volume = np.random.default_rng(1).standard_normal((3, 40, 40, 40)).astype(np.float32)
+    whole = predict_whole(network, volume, multiple=2)
+    windows = predict_volume(network, volume, patch_size=24, overlap=0.5)
+    assert whole.shape == windows.shape == (2, 40, 40, 40)
+    difference = np.abs(whole - windows)
+    # Receptive field: 3x3x3 conv (1) + 2x pooling and up-sampling (2) + 3x3x3 conv (1).
+    axis = _interior(40, 24, 12, radius=4)
+    interior = axis[:, None, None] & axis[None, :, None] & axis[None, None, :]
+    assert 0.05 < interior.mean() < 0.95
+    assert difference[:, interior].max() < 1e-5
+    assert difference[:, ~interior].max() > 1e-3  # the borders really are blended: the test can tell
+    assert difference.max() < 0.5 * np.abs(whole).max()
+    # With a point-wise network there are no borders at all: identical everywhere.
+    pointwise = torch.nn.Conv3d(3, 2, 1).eval()
+    np.testing.assert_allclose(predict_whole(pointwise, volume), predict_volume(pointwise, volume, patch_size=16),
+                               atol=1e-5)
+
+
+def test_predict_auto_picks_whole_volume_only_when_it_is_the_same_function_and_fits(caplog):
+    import logging
+
+    from bssfp2dt.inference.predict import extent_dependent_layers, predict_auto, predict_whole
+
+    volume = np.random.default_rng(2).standard_normal((3, 20, 18, 16)).astype(np.float32)
+    plain, normed = _conv_network(), _conv_network(norm=True)
+    assert extent_dependent_layers(plain) == [] and extent_dependent_layers(normed) == ["1"]
+    common = dict(multiple=2, probe_size=4, patch_size=16, overlap=0.5)
+    with caplog.at_level(logging.INFO, logger="bssfp2dt.inference.predict"):
+        result = predict_auto(plain, volume, network=plain, mem_mb=None, **common)
+    assert "whole-volume pass" in caplog.text
+    np.testing.assert_array_equal(result, predict_whole(plain, volume, multiple=2))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="bssfp2dt.inference.predict"):
+        tight = predict_auto(plain, volume, network=plain, mem_mb=1, **common)  # 1 MB: cannot fit
+        normalised = predict_auto(normed, volume, network=normed, mem_mb=None, **common)
+    assert caplog.text.count("sliding windows") == 2 and "own extent" in caplog.text
+    np.testing.assert_array_equal(tight, predict_volume(plain, volume, patch_size=16, overlap=0.5))
+    np.testing.assert_array_equal(normalised, predict_volume(normed, volume, patch_size=16, overlap=0.5))

@@ -119,3 +119,20 @@ def test_settings_round_trip_and_checks():
     assert pipeline.PreprocSettings.from_dict(json.loads(json.dumps(settings.to_dict()))) == settings
     with pytest.raises(Exception, match="denois"):
         pipeline.check_settings(pipeline.PreprocSettings(denoise="bm4d"))
+
+
+def test_mem_reaches_multiproc_and_nodes_carry_estimates(preprocessed_run, tmp_path):
+    """--mem (MB) becomes MultiProc's memory_gb; the heavy nodes carry an estimate from their image's header."""
+    from bssfp2dt.preprocessing.workflow import memory_estimate_gb, multiproc_args
+
+    assert multiproc_args(2, None) == {"n_procs": 2, "raise_insufficient": False}
+    assert multiproc_args(2, 8192)["memory_gb"] == 8.0
+    _, _, inputs, _ = preprocessed_run
+    session = inputs.sessions[0]
+    shape = nib.load(session.bssfp.magnitude).shape
+    assert memory_estimate_gb(session.bssfp.magnitude, 16, 6) == round(0.5 + np.prod(shape) * 96 / 2 ** 30, 2)
+    workflow, _ = build_workflow(inputs, FAST, tmp_path / "work", tmp_path / "crash")
+    estimates = {name: workflow.get_node(name).mem_gb for name in ("bssfp_prepare_ses1", "dwi_prepare_ses1",
+                                                                    "t1w_mask_0")}
+    assert estimates["bssfp_prepare_ses1"] > 0.5 and estimates["dwi_prepare_ses1"] > 0.5
+    assert estimates["t1w_mask_0"] == 0.5

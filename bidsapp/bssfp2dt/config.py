@@ -95,10 +95,12 @@ class ModelSettings:
 @dataclass(frozen=True)
 class PreprocessingOptions:
     """Optional preprocessing steps (QSIPrep's option names): Gibbs-ringing removal of bSSFP and DWI
-    (``dipy`` or ``none``) and DWI head-motion correction (``rigid`` or ``none``)."""
+    (``auto``: MRtrix3's ``mrdegibbs`` when on the PATH, else ``dipy``; ``mrdegibbs``, ``dipy`` or ``none``),
+    DWI head-motion correction (``rigid`` or ``none``) and the registration back end (``ants`` or ``dipy``)."""
 
-    unringing_method: str = "dipy"
+    unringing_method: str = "auto"
     hmc_model: str = "rigid"
+    registration_backend: str = "ants"
 
 
 @dataclass(frozen=True)
@@ -257,7 +259,8 @@ def config_from_args(args: argparse.Namespace, run_uuid: str,
         run=RunSettings(run_uuid=run_uuid, skip_bids_validation=args.skip_bids_validation,
                         stop_on_first_crash=args.stop_on_first_crash, dry_run=args.dry_run,
                         verbosity=args.verbose),
-        preprocessing=PreprocessingOptions(unringing_method=args.unringing_method, hmc_model=args.hmc_model),
+        preprocessing=PreprocessingOptions(unringing_method=args.unringing_method, hmc_model=args.hmc_model,
+                                           registration_backend=args.registration_backend),
     )
 
 

@@ -195,13 +195,18 @@ def build_parser() -> BidsAppArgumentParser:
 
     preprocessing = parser.add_argument_group("Preprocessing")
     preprocessing.add_argument("--unringing-method", "--unringing_method", dest="unringing_method",
-                               choices=("dipy", "none"), default="dipy",
-                               help="Gibbs-ringing removal of bSSFP and DWI: dipy's sub-voxel shifts, or none "
-                                    "(data without ringing, e.g. simulated) (default: %(default)s)")
+                               choices=("auto", "mrdegibbs", "dipy", "none"), default="auto",
+                               help="Gibbs-ringing removal of bSSFP and DWI (sub-voxel shifts): MRtrix3's "
+                                    "mrdegibbs (Debian package mrtrix3), dipy's, auto (mrdegibbs when on the PATH, "
+                                    "else dipy) or none (data without ringing, e.g. simulated) (default: %(default)s)")
     preprocessing.add_argument("--hmc-model", "--hmc_model", dest="hmc_model", choices=("rigid", "none"),
                                default="rigid",
                                help="DWI head-motion correction: rigid registration of every volume with "
                                     "b-vector rotation, or none (default: %(default)s)")
+    preprocessing.add_argument("--registration-backend", "--registration_backend", dest="registration_backend",
+                               choices=("ants", "dipy"), default="ants",
+                               help="rigid registrations (bSSFP and b0 to T1w, DWI head motion): ANTs "
+                                    "(antspyx) or dipy (slower) (default: %(default)s)")
 
     training = parser.add_argument_group("Training (instead of inference)")
     training.add_argument("--train-stage", "--train_stage", dest="train_stage", choices=TRAIN_STAGES,

@@ -193,3 +193,115 @@ def predict_with_oom_fallback(run: Callable[[int, torch.device], Result], batch_
     logger.warning("%s ran out of memory again (batch %d): predicting this volume on the CPU (batch %d, slower)",
                    device, half, cpu_batch)
     return run(cpu_batch, cpu)
+
+
+# --------------------------------------------------------------------------- whole-volume pass
+#: Normalisation layers whose output depends on the spatial extent of the input (statistics over the
+#: image itself): a whole-volume pass through them is not the same function as a patch-wise one.
+EXTENT_DEPENDENT_NORMS = (torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d,
+                          torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+def extent_dependent_layers(network: torch.nn.Module | None) -> list[str]:
+    """Names of ``network``'s layers that normalise with statistics of the input itself (instance norm without
+    running statistics, group/layer norm): their result changes with the input's extent, so a whole volume
+    and a 64^3 patch of it are normalised differently."""
+    if network is None:
+        return []
+    found = []
+    for name, module in network.named_modules():
+        if isinstance(module, EXTENT_DEPENDENT_NORMS):
+            if getattr(module, "track_running_stats", False) and getattr(module, "running_mean", None) is not None:
+                continue  # instance norm with running statistics behaves like batch norm in eval mode
+            found.append(name or type(module).__name__)
+    return found
+
+
+def padded_shape(spatial: Sequence[int], multiple: int) -> tuple[int, int, int]:
+    """Each side rounded up to a multiple of ``multiple`` (the network's down-sampling factor)."""
+    multiple = max(int(multiple), 1)
+    return tuple(-(-int(n) // multiple) * multiple for n in spatial)
+
+
+def available_bytes(mem_mb: int | None, device: torch.device) -> int:
+    """Memory the whole-volume pass may use: the GPU's free memory on CUDA; ``--mem`` minus this process's
+    resident memory on the CPU, else the system's available memory (``MemAvailable``)."""
+    if is_cuda(device):
+        return free_memory_bytes(device)
+    if mem_mb:
+        return int(mem_mb) * MIB - resident_bytes()
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0  # unknown: do not risk it
+
+
+def whole_volume_fits(predictor: Callable[[torch.Tensor], torch.Tensor], volume_shape: Sequence[int],
+                      out_channels: int, *, multiple: int, probe_size: int, mem_mb: int | None,
+                      device: torch.device) -> tuple[bool, int, int]:
+    """Whether one forward pass over the zero-padded volume ``(C, X, Y, Z)`` fits the memory left.
+
+    The estimate is :func:`patch_activation_bytes` scaled to the padded volume (an upper bound: it counts
+    every activation as alive at once) plus the input and output copies. Returns ``(fits, estimate, available)``
+    in bytes.
+    """
+    padded = padded_shape(volume_shape[1:], multiple)
+    per_probe = patch_activation_bytes(predictor, int(volume_shape[0]), probe_size, probe_size, device)
+    estimate = int(np.ceil(per_probe * np.prod(padded) / probe_size ** 3))
+    estimate += FLOAT_BYTES * int(np.prod(padded)) * (int(volume_shape[0]) + 2 * int(out_channels))
+    available = available_bytes(mem_mb, device)
+    return estimate <= available, estimate, available
+
+
+def predict_whole(predictor: Callable[[torch.Tensor], torch.Tensor], volume: np.ndarray, *, multiple: int = 1,
+                  device: torch.device = torch.device("cpu"), mask: np.ndarray | None = None,
+                  out_channels: int | None = None) -> np.ndarray:
+    """One forward pass over the whole volume ``(C, X, Y, Z)``, zero-padded at the far end of each axis to a
+    multiple of ``multiple`` (as the sliding window pads), cropped back: ``(C_out, X, Y, Z)`` float32, zero
+    outside ``mask``. bf16 autocast and channels-last on CUDA, as :func:`predict_volume`."""
+    volume = np.ascontiguousarray(volume, dtype=np.float32)
+    spatial = volume.shape[1:]
+    padding = [(0, 0)] + [(0, p - n) for n, p in zip(spatial, padded_shape(spatial, multiple))]
+    inputs = torch.from_numpy(np.pad(volume, padding))[None].to(device)
+    if is_cuda(device):
+        inputs = inputs.contiguous(memory_format=torch.channels_last_3d)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if is_cuda(device) else nullcontext()
+    with torch.inference_mode(), autocast:
+        output = predictor(inputs).float()
+    result = output[0, :, :spatial[0], :spatial[1], :spatial[2]].cpu().numpy()
+    if out_channels is not None and result.shape[0] != out_channels:
+        raise ValueError(f"the network returned {result.shape[0]} channels, expected {out_channels}")
+    if mask is not None:
+        result *= np.asarray(mask, dtype=bool)[None]
+    return np.ascontiguousarray(result)
+
+
+def predict_auto(predictor: Callable[[torch.Tensor], torch.Tensor], volume: np.ndarray, *, network=None,
+                 multiple: int = 1, probe_size: int = 16, mem_mb: int | None = None, **sliding) -> np.ndarray:
+    """A single whole-volume pass when it is the same function as the patch-wise one and fits in memory,
+    else :func:`predict_volume` (sliding windows, ``**sliding`` its keyword arguments).
+
+    The two agree up to the blending at patch borders for a fully convolutional network whose
+    normalisation does not use the input's own statistics (see :func:`extent_dependent_layers`); a network
+    with such layers (e.g. instance norm) always gets sliding windows, the extent it was trained on.
+    """
+    device = sliding.get("device", torch.device("cpu"))
+    blocking = extent_dependent_layers(network)
+    if blocking:
+        logger.info("sliding windows: %d layer(s) normalise over the input's own extent (%s), so a whole-volume "
+                    "pass would change the result", len(blocking), blocking[0])
+        return predict_volume(predictor, volume, **sliding)
+    out_channels = sliding.get("out_channels") or 1
+    fits, estimate, available = whole_volume_fits(predictor, volume.shape, out_channels, multiple=multiple,
+                                                  probe_size=probe_size, mem_mb=mem_mb, device=device)
+    if not fits:
+        logger.info("sliding windows: a whole-volume pass needs ~%.0f MiB, %.0f MiB available", estimate / MIB,
+                    available / MIB)
+        return predict_volume(predictor, volume, **sliding)
+    logger.info("whole-volume pass: ~%.0f MiB estimated, %.0f MiB available", estimate / MIB, available / MIB)
+    return predict_whole(predictor, volume, multiple=multiple, device=device, mask=sliding.get("mask"),
+                         out_channels=sliding.get("out_channels"))

@@ -271,7 +271,7 @@ def predict_tensor(config, session, model: LoadedModel, device) -> tuple[np.ndar
     """
     import torch
 
-    from bssfp2dt.inference.predict import choose_batch_size, predict_volume, predict_with_oom_fallback
+    from bssfp2dt.inference.predict import choose_batch_size, predict_auto, predict_with_oom_fallback
     from bssfp2dt.io.nifti import load_nifti
     from bssfp2dt.preprocessing.normalization import denormalize_tensor
 
@@ -294,9 +294,10 @@ def predict_tensor(config, session, model: LoadedModel, device) -> tuple[np.ndar
                                  device=target)
 
     def run(batch_size: int, target: torch.device) -> np.ndarray:
-        return predict_volume(predictor_on(target), volume, patch_size=patch_size, overlap=DEFAULT_OVERLAP,
-                              batch_size=batch_size, device=target, mask=mask, out_channels=out_channels,
-                              progress=config.run.verbosity >= 1)
+        return predict_auto(predictor_on(target), volume, network=generator, multiple=multiple, probe_size=probe_size,
+                            mem_mb=config.resources.mem_mb, patch_size=patch_size, overlap=DEFAULT_OVERLAP,
+                            batch_size=batch_size, device=target, mask=mask, out_channels=out_channels,
+                            progress=config.run.verbosity >= 1)
 
     normalised = predict_with_oom_fallback(run, batch_on(device), device,
                                            cpu_batch_size=lambda: batch_on(torch.device("cpu")))

@@ -90,16 +90,16 @@ def brain_mask(dwi: np.ndarray, bvals: np.ndarray, median_radius: int = 2, numpa
     return np.asarray(mask, dtype=bool)
 
 
-def remove_gibbs(dwi: np.ndarray, slice_axis: int = 2, num_processes: int = 1) -> np.ndarray:
-    """Gibbs-ringing removal (dipy, sub-voxel shifts) of every volume: ``(X, Y, Z, N)`` float64.
+def remove_gibbs(dwi: np.ndarray, slice_axis: int = 2, num_processes: int = 1, method: str = "dipy") -> np.ndarray:
+    """Gibbs-ringing removal (sub-voxel shifts; dipy or MRtrix3's ``mrdegibbs``) of every volume:
+    ``(X, Y, Z, N)`` float64.
 
     Magnitude DWI is what the scanner gives; the ringing of high-SNR magnitude images is close to
     that of the underlying real image, which the method assumes.
     """
-    from dipy.denoise.gibbs import gibbs_removal
+    from bssfp2dt.preprocessing.unringing import remove_gibbs_real
 
-    return gibbs_removal(np.array(dwi, dtype=np.float64), slice_axis=slice_axis, inplace=False,
-                         num_processes=num_processes)
+    return remove_gibbs_real(dwi, method=method, slice_axis=slice_axis, threads=num_processes)
 
 
 def denoise(dwi: np.ndarray, bvals: np.ndarray, method: str = "mppca", mask: np.ndarray | None = None,
@@ -180,7 +180,7 @@ class MotionCorrection:
 def motion_correct(dwi: np.ndarray, affine: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray,
                    mask: np.ndarray | None = None,
                    settings: RegistrationSettings = RegistrationSettings(),
-                   threshold: float = B0_THRESHOLD, order: int = 1) -> MotionCorrection:
+                   threshold: float = B0_THRESHOLD, order: int = 1, n_procs: int = 1) -> MotionCorrection:
     """Rigid motion correction of every volume to the mean b0, with b-vector rotation.
 
     Two passes fix the reference pose to the first b0 without biasing it: the other b0s are first
@@ -199,6 +199,9 @@ def motion_correct(dwi: np.ndarray, affine: np.ndarray, bvals: np.ndarray, bvecs
         settings: registration settings.
         threshold: b0 threshold (s/mm^2).
         order: interpolation order of the resampling.
+        n_procs: worker processes for the per-volume registrations (``--nprocs``); every volume's
+            result is independent of the others and of the worker that computes it, so the output
+            does not depend on ``n_procs``.
     Returns:
         :class:`MotionCorrection`.
     """
@@ -208,20 +211,41 @@ def motion_correct(dwi: np.ndarray, affine: np.ndarray, bvals: np.ndarray, bvecs
         raise UsageError(f"bvecs shape {bvecs.shape} does not match {dwi.shape[-1]} DWI volumes")
     b0s = b0_indices(bvals, threshold)
 
-    def align(volume: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        transform = register(reference, affine, volume, affine, "rigid", settings=settings, static_mask=mask)
-        return transform, resample(volume, affine, dwi.shape[:3], affine, transform, order=order)
-
     first = dwi[..., b0s[0]]
-    aligned_b0s = [first] + [align(dwi[..., i], first)[1] for i in b0s[1:]]
+    jobs = [(dwi[..., i], first, affine, mask, settings, order) for i in b0s[1:]]
+    aligned_b0s = [first] + [result[1] for result in _map(_align_volume, jobs, n_procs)]
     reference = np.mean(aligned_b0s, axis=0)
+    jobs = [(dwi[..., i], reference, affine, mask, settings, order) for i in range(dwi.shape[-1])]
     transforms = np.empty((dwi.shape[-1], 4, 4))
     corrected = np.empty_like(dwi)
-    for i in range(dwi.shape[-1]):
-        transforms[i], corrected[..., i] = align(dwi[..., i], reference)
+    for i, (transform, volume) in enumerate(_map(_align_volume, jobs, n_procs)):
+        transforms[i], corrected[..., i] = transform, volume
         logger.debug("volume %d: rotation %.3f deg", i, np.degrees(np.arccos(
             np.clip((np.trace(rotation_part(transforms[i][:3, :3])) - 1) / 2, -1, 1))))
     return MotionCorrection(dwi=corrected, bvecs=rotate_bvecs(bvecs, transforms, affine), transforms=transforms)
+
+
+def _align_volume(job: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """Rigid registration of one volume to the reference and its resampling: ``(4x4, (X, Y, Z))``."""
+    volume, reference, affine, mask, settings, order = job
+    transform = register(reference, affine, volume, affine, "rigid", settings=settings, static_mask=mask)
+    return transform, resample(volume, affine, volume.shape, affine, transform, order=order)
+
+
+def _map(function, jobs: list, n_procs: int) -> list:
+    """``[function(job) for job in jobs]``, over ``n_procs`` spawned processes when > 1, in order.
+
+    Spawned, not forked: the parent may hold OpenMP (torch) or ITK thread pools, which a fork can
+    leave locked in the child.
+    """
+    n_procs = min(int(n_procs), len(jobs))
+    if n_procs <= 1:
+        return [function(job) for job in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=n_procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(function, jobs))
 
 
 def _check_dwi(dwi: np.ndarray, bvals: np.ndarray) -> np.ndarray:

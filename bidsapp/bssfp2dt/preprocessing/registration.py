@@ -1,4 +1,8 @@
-"""Rigid and affine registration with dipy (mutual information, multi-resolution).
+"""Rigid and affine registration (mutual information, multi-resolution) with ANTs or dipy.
+
+Two back ends share one interface (:func:`register`) and one settings object: ``"ants"``
+(``antsRegistration`` through antspyx, :mod:`bssfp2dt.preprocessing.ants_registration`; the
+application's default, several times cheaper) and ``"dipy"`` (dipy's ``AffineRegistration``).
 
 A registration returns a 4x4 world -> world (mm) matrix ``T`` mapping a point of the **static**
 (fixed) image's world space to the corresponding point of the **moving** image's world space, the
@@ -19,6 +23,7 @@ from bssfp2dt.errors import UsageError
 logger = logging.getLogger(__name__)
 
 REGISTRATION_KINDS = ("translation", "rigid", "affine")
+REGISTRATION_BACKENDS = ("ants", "dipy")
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,8 @@ class RegistrationSettings:
         level_iters: iterations per resolution level, coarsest first.
         sigmas: Gaussian smoothing per level (voxels), coarsest first.
         factors: down-sampling factor per level, coarsest first.
+        backend: "dipy" or "ants" (see the module docstring).
+        gradient_step: ANTs' optimiser step (ignored by dipy).
     """
 
     nbins: int = 32
@@ -38,10 +45,15 @@ class RegistrationSettings:
     level_iters: tuple[int, ...] = (200, 100, 50)
     sigmas: tuple[float, ...] = (3.0, 1.0, 0.0)
     factors: tuple[int, ...] = (4, 2, 1)
+    backend: str = "dipy"
+    gradient_step: float = 0.1
 
     def __post_init__(self):
         if not len(self.level_iters) == len(self.sigmas) == len(self.factors):
             raise UsageError("registration level_iters, sigmas and factors need one entry per level")
+        if self.backend not in REGISTRATION_BACKENDS:
+            raise UsageError(f"registration backend {self.backend!r} unknown: use one of "
+                             f"{', '.join(REGISTRATION_BACKENDS)}")
 
 
 def register(static: np.ndarray, static_affine: np.ndarray, moving: np.ndarray,
@@ -49,10 +61,12 @@ def register(static: np.ndarray, static_affine: np.ndarray, moving: np.ndarray,
              settings: RegistrationSettings = RegistrationSettings(),
              static_mask: np.ndarray | None = None, moving_mask: np.ndarray | None = None,
              initial: np.ndarray | None = None) -> np.ndarray:
-    """Register ``moving`` to ``static``: centre of mass, then translation, rigid (, affine).
+    """Register ``moving`` to ``static`` with ``settings.backend``.
 
-    Each stage starts from the previous stage's result (dipy's recommended progression), so the
-    rigid fit never starts far from the optimum.
+    dipy: centre of mass, then translation, rigid (, affine), each stage starting from the previous
+    stage's result (dipy's recommended progression), so the rigid fit never starts far from the
+    optimum. ANTs: one ``antsRegistration`` stage of ``kind`` from the same start, seeded and
+    deterministic (:func:`bssfp2dt.preprocessing.ants_registration.register_ants`).
 
     Args:
         static: ``(X, Y, Z)`` the fixed image (any intensity units; mutual information copes
@@ -79,6 +93,11 @@ def register(static: np.ndarray, static_affine: np.ndarray, moving: np.ndarray,
         raise UsageError(f"registration needs 3D volumes, got {static.shape} and {moving.shape}")
     static_affine = np.asarray(static_affine, dtype=np.float64)
     moving_affine = np.asarray(moving_affine, dtype=np.float64)
+    if settings.backend == "ants":
+        from bssfp2dt.preprocessing.ants_registration import register_ants
+
+        return register_ants(static, static_affine, moving, moving_affine, kind, settings, static_mask=static_mask,
+                             moving_mask=moving_mask, initial=initial)
     if initial is None:
         current = transform_centers_of_mass(static, static_affine, moving, moving_affine).affine
     else:

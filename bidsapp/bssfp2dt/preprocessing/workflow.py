@@ -137,11 +137,12 @@ def _collect_node(subject, session, t1w_session, t1w, brain_mask, gm, wm, csf, b
 
 
 # --------------------------------------------------------------------------- building
-def _function_node(function, inputs: dict[str, Any], outputs: Sequence[str], name: str):
+def _function_node(function, inputs: dict[str, Any], outputs: Sequence[str], name: str, mem_gb: float = 0.5):
     from nipype.interfaces.utility import Function
     from nipype.pipeline.engine import Node
 
-    node = Node(Function(input_names=list(inputs), output_names=list(outputs), function=function), name=name)
+    node = Node(Function(input_names=list(inputs), output_names=list(outputs), function=function), name=name,
+                mem_gb=mem_gb)
     for key, value in inputs.items():
         if value is not _CONNECTED:
             setattr(node.inputs, key, value)
@@ -149,6 +150,14 @@ def _function_node(function, inputs: dict[str, Any], outputs: Sequence[str], nam
 
 
 _CONNECTED = object()  # marks an input that an edge fills
+
+
+def memory_estimate_gb(image: str | Path, bytes_per_value: int, copies: float) -> float:
+    """A node's memory estimate for nipype's MultiProc scheduler (``--mem``): ``copies`` arrays of the image's
+    voxels x volumes at ``bytes_per_value`` (from the header, nothing read), plus 0.5 GB of interpreter and
+    libraries."""
+    values = float(np.prod(nib.load(str(image)).shape))
+    return round(0.5 + values * bytes_per_value * copies / 2 ** 30, 2)
 
 
 def _node_label(label: str | None) -> str:
@@ -252,7 +261,8 @@ def _bssfp_branch(workflow, session, tag: str, options: dict, grid, collector):
     bssfp = session.bssfp
     prepare = _function_node(_bssfp_prepare_node, {"magnitude": str(bssfp.magnitude), "phase": str(bssfp.phase),
                                                    "phase_units": bssfp.phase_units, "settings": options},
-                             ["complex_path", "reference", "provenance"], f"bssfp_prepare_ses{tag}")
+                             ["complex_path", "reference", "provenance"], f"bssfp_prepare_ses{tag}",
+                             mem_gb=memory_estimate_gb(bssfp.magnitude, 16, 6))  # complex128 and its copies
     register = _function_node(_register_node, {"t1w": str(session.t1w.image), "moving": _CONNECTED,
                                                "settings": options, "what": "bssfp"},
                               ["transform", "provenance"], f"bssfp_register_ses{tag}")
@@ -271,7 +281,8 @@ def _dwi_branch(workflow, session, tag: str, options: dict, grid, collector):
     dwi = session.dwi
     prepare = _function_node(_dwi_prepare_node, {"dwi": str(dwi.image), "bval": str(dwi.bval), "bvec": str(dwi.bvec),
                                                  "settings": options},
-                             ["dwi", "bvec", "mask", "mean_b0", "provenance"], f"dwi_prepare_ses{tag}")
+                             ["dwi", "bvec", "mask", "mean_b0", "provenance"], f"dwi_prepare_ses{tag}",
+                             mem_gb=memory_estimate_gb(dwi.image, 8, 5))  # float64 series, corrected copy
     fit = _function_node(_tensor_fit_node, {"dwi": _CONNECTED, "bval": str(dwi.bval), "bvec": _CONNECTED,
                                             "mask": _CONNECTED}, ["tensor", "provenance"], f"dwi_tensor_ses{tag}")
     register = _function_node(_register_node, {"t1w": str(session.t1w.image), "moving": _CONNECTED,
@@ -325,26 +336,36 @@ class _NodeErrorFilter(logging.Filter):
 
 def settings_from_config(config) -> PreprocSettings:
     """Preprocessing settings implied by a run :class:`bssfp2dt.config.Config`."""
+    from bssfp2dt.preprocessing.pipeline import motion_settings, registration_settings
+    from bssfp2dt.preprocessing.unringing import resolve_method
+
     options = config.preprocessing
-    return PreprocSettings(single_bssfp=config.selection.input_modality == "bssfp",
-                           gibbs=options.unringing_method != "none", motion_correction=options.hmc_model != "none",
+    gibbs = options.unringing_method != "none"
+    backend = getattr(options, "registration_backend", "ants")
+    return PreprocSettings(single_bssfp=config.selection.input_modality == "bssfp", gibbs=gibbs,
+                           unringing=resolve_method(options.unringing_method if gibbs else "auto"),
+                           motion_correction=options.hmc_model != "none",
+                           registration=registration_settings(backend), motion_registration=motion_settings(backend),
                            omp_nthreads=config.resources.omp_nthreads)
 
 
 @contextmanager
-def threads_for_nodes(omp_nthreads: int) -> Iterator[None]:
-    """Set ``THREADS_ENV`` for the nodes run inside (MultiProc workers inherit it), then restore it."""
-    from bssfp2dt.preprocessing.pipeline import THREADS_ENV
+def threads_for_nodes(omp_nthreads: int, nprocs: int = 1) -> Iterator[None]:
+    """Set ``THREADS_ENV`` and ``NPROCS_ENV`` for the nodes run inside (MultiProc workers inherit them),
+    then restore them."""
+    from bssfp2dt.preprocessing.pipeline import NPROCS_ENV, THREADS_ENV
 
-    previous = os.environ.get(THREADS_ENV)
-    os.environ[THREADS_ENV] = str(int(omp_nthreads))
+    values = {THREADS_ENV: str(int(omp_nthreads)), NPROCS_ENV: str(int(nprocs))}
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop(THREADS_ENV, None)
-        else:
-            os.environ[THREADS_ENV] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def run_preprocessing(plan_or_config, subject_inputs, settings: PreprocSettings | None = None) -> PreprocessedSubject:
@@ -371,9 +392,9 @@ def run_preprocessing(plan_or_config, subject_inputs, settings: PreprocSettings 
     logger.info("sub-%s: preprocessing (%d session(s), work dir %s, %s)", subject_inputs.subject, len(collect),
                 config.paths.work_dir, f"MultiProc n_procs={nprocs}" if nprocs > 1 else "Linear")
     try:
-        with threads_for_nodes(settings.omp_nthreads):
+        with threads_for_nodes(settings.omp_nthreads, nprocs):
             if nprocs > 1:
-                graph = workflow.run(plugin="MultiProc", plugin_args={"n_procs": nprocs, "raise_insufficient": False})
+                graph = workflow.run(plugin="MultiProc", plugin_args=multiproc_args(nprocs, config.resources.mem_mb))
             else:
                 graph = workflow.run(plugin="Linear")
     except RuntimeError:
@@ -405,6 +426,14 @@ def _without_dwi(subject_inputs):
 
     return dataclasses.replace(subject_inputs, sessions=tuple(dataclasses.replace(session, dwi=None)
                                                               for session in subject_inputs.sessions))
+
+
+def multiproc_args(nprocs: int, mem_mb: int | None) -> dict[str, Any]:
+    """nipype MultiProc arguments: ``--nprocs`` processes and, with ``--mem``, its memory in GB (as fMRIPrep)."""
+    arguments: dict[str, Any] = {"n_procs": int(nprocs), "raise_insufficient": False}
+    if mem_mb:
+        arguments["memory_gb"] = round(int(mem_mb) / 1024, 3)
+    return arguments
 
 
 def _log_steps(graph, subject: str, started: float) -> None:
