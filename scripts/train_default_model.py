@@ -52,7 +52,7 @@ TRUTH_ROWS = (("v1_angle", "median V1 angle (deg)"), ("fa_error", "median FA rel
               ("md_error", "median MD relative error"), ("fa_ratio", "median predicted / true FA"),
               ("non_finite", "non-finite voxels"))
 STARTED = time.perf_counter()
-DEFAULT_EPOCHS = 30
+DEFAULT_EPOCHS = 24
 
 logger = logging.getLogger("train_default_model")
 
@@ -339,15 +339,32 @@ def truth_card(entries: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def wait_for_preprocessing(output_dir: Path, finished, poll_seconds: float = 5.0) -> None:
+    """Block until the run writing to ``output_dir`` has preprocessed (its ``split.json`` exists) or ended:
+    a training holds the work dir's lock while it preprocesses, and the next one then reuses the cache."""
+    while not finished.is_set() and not list(output_dir.glob("models/*/split.json")):
+        time.sleep(poll_seconds)
+
+
 def train_modalities(args, bids_dir: Path, chain: tuple[str, ...], shared: Path | None) -> dict[str, Path]:
     """The final checkpoint of each modality's chain (after the shared autoencoder, if any); with
     ``--parallel`` the modalities train at the same time (the CLI runs are separate processes)."""
+    import threading
     from concurrent.futures import ThreadPoolExecutor
+
+    first_done = threading.Event()
 
     def one(modality: str) -> Path:
         checkpoint = shared
-        for stage in chain[1:] if shared else chain:
-            checkpoint = train_stage(args, bids_dir, stage, modality, checkpoint)
+        stages = chain[1:] if shared else chain
+        if args.parallel and modality != MODALITIES[0]:
+            wait_for_preprocessing(args.work / "training" / f"{stages[0]}-{MODALITIES[0]}", first_done)
+        try:
+            for stage in stages:
+                checkpoint = train_stage(args, bids_dir, stage, modality, checkpoint)
+        finally:
+            if modality == MODALITIES[0]:
+                first_done.set()
         return checkpoint
 
     with ThreadPoolExecutor(max_workers=len(MODALITIES) if args.parallel else 1) as pool:

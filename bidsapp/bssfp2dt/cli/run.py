@@ -76,12 +76,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _exclusive_work_dir(config):
-    """The work dir's lock for the levels that use it (participant, training); the group level does not."""
+    """The work dir's lock for the participant level; the group level does not use the work dir, and training
+    holds the lock only while it preprocesses (``pipeline.training.prepare_data``), so several trainings on one
+    work dir (e.g. one per modality) can share its cache once it is filled."""
     from contextlib import nullcontext
 
     from bssfp2dt.io.workdir_lock import work_dir_lock
 
-    if config.selection.analysis_level == "group" and not config.training.stage:
+    if config.selection.analysis_level == "group" or config.training.stage:
         return nullcontext()
     return work_dir_lock(config.paths.work_dir)
 

@@ -98,11 +98,13 @@ def prepare_data(plan, input_modality: str, start: "StartingPoint", tensor_trans
 
     Returns ``(split, normalization, pairs)`` with ``pairs`` = {"train"|"validation"|"test": [TrainingPair]}.
     """
+    from bssfp2dt.io.workdir_lock import work_dir_lock
     from bssfp2dt.preprocessing.workflow import run_preprocessing
     from bssfp2dt.training import data
 
     settings = plan.config.training
-    preprocessed = {subject.subject: run_preprocessing(plan, subject) for subject in plan.subjects}
+    with work_dir_lock(plan.config.paths.work_dir):  # nipype's cache takes one writer at a time
+        preprocessed = {subject.subject: run_preprocessing(plan, subject) for subject in plan.subjects}
     usable = {label: subject for label, subject in preprocessed.items()
               if data.pair_sessions(subject, input_modality)}
     for label in sorted(set(preprocessed) - set(usable)):
