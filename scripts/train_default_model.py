@@ -258,14 +258,17 @@ def mean_errors(rows: list[dict[str, float]]) -> dict[str, float]:
                        else np.mean([row[key] for row in rows])) for key in rows[0]}
 
 
-def model_truth_errors(model_out: Path, bids_dir: Path) -> dict[str, float]:
-    """White-matter errors against the truth of every tensor a participant run wrote under ``model_out``."""
+def model_truth_errors(model_out: Path, bids_dir: Path, modality: str) -> dict[str, float]:
+    """White-matter errors against the truth of every predicted tensor a participant run wrote under
+    ``model_out`` (not the evaluation's error maps, which share the suffix)."""
     import nibabel as nib
 
     from bssfp2dt.evaluation.truth import white_matter_errors
+    from bssfp2dt.io.derivatives import modality_desc
 
     rows = []
-    for path in sorted(model_out.glob("sub-*/**/*_param-diffusivity_dwimap.nii.gz")):
+    pattern = f"sub-*/**/*_desc-{modality_desc(modality)}_model-tensor_param-diffusivity_dwimap.nii.gz"
+    for path in sorted(model_out.glob(pattern)):
         image = nib.load(str(path))
         subject = path.name.split("_")[0].removeprefix("sub-")
         rows.append(white_matter_errors(np.asarray(image.dataobj, dtype=np.float64), image.affine, bids_dir, subject))
@@ -451,7 +454,7 @@ def main(argv=None) -> int:
                  "--model", MODELS_DIR / entry["file"], "-w", work_test,
                  "--nprocs", args.nprocs, "--omp-nthreads", args.nprocs, "--skip-bids-validation",
                  *preprocessing_flags(args))
-        truth[modality] = model_truth_errors(model_out, test_bids)
+        truth[modality] = model_truth_errors(model_out, test_bids, modality)
     baselines = {}
     for kind in BASELINES:  # the same held-out sessions for every modality
         baseline_out = args.work / "heldout" / f"baseline-{kind}"
