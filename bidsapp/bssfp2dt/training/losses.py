@@ -209,23 +209,39 @@ class TensorLossWeights:
     ``components``: Huber loss of the Frobenius difference of the log-tensors (orientation, anisotropy
     and MD at once); ``anisotropy``: Huber loss of the difference of the deviatoric norms, which does not
     depend on the direction, so an isotropic hedge costs as much as the anisotropy it hides even while the
-    direction is still uncertain; ``white_matter``: weight of a pure white-matter voxel relative to any
+    direction is still uncertain; ``direction``: 1 - the cosine between the deviatoric parts (sign-invariant
+    like the fibre axis, blind to the amount of anisotropy, no eigen-decomposition), weighted by the target's
+    deviatoric norm, so orientation is learned where there is one; ``white_matter``: weight of a pure white-matter voxel relative to any
     other brain voxel (fibre directions live there); ``huber_delta``: where the Huber loss turns linear
     (log units: 0.1 is a 10 % diffusivity error). Voxels outside the brain mask never count.
     """
 
     components: float = 1.0
     anisotropy: float = 1.0
+    direction: float = 1.0
     white_matter: float = 3.0
     huber_delta: float = 0.1
 
 
-def deviatoric_norm(log_tensor: torch.Tensor) -> torch.Tensor:
-    """Frobenius norm (B, 1, ...) of the deviatoric part L - tr(L)/3 I of log-tensors (B, 6, ...)."""
+def deviatoric(log_tensor: torch.Tensor) -> torch.Tensor:
+    """Deviatoric part L - tr(L)/3 I (B, 6, ...) of log-tensors (B, 6, ...), off-diagonals scaled by sqrt(2) so
+    that the plain inner product over the 6 channels is the Frobenius one."""
     trace = log_tensor[:, 0:1] + log_tensor[:, 3:4] + log_tensor[:, 5:6]
     diagonal = log_tensor[:, list(DIAGONAL_COMPONENTS)] - trace / 3.0
-    off = log_tensor[:, [1, 2, 4]]
-    return torch.sqrt((diagonal ** 2).sum(dim=1, keepdim=True) + 2.0 * (off ** 2).sum(dim=1, keepdim=True) + 1e-12)
+    off = log_tensor[:, [1, 2, 4]] * 2.0 ** 0.5
+    return torch.cat([diagonal[:, 0:1], off[:, 0:2], diagonal[:, 1:2], off[:, 2:3], diagonal[:, 2:3]], dim=1)
+
+
+def deviatoric_norm(log_tensor: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm (B, 1, ...) of the deviatoric part L - tr(L)/3 I of log-tensors (B, 6, ...)."""
+    return torch.sqrt((deviatoric(log_tensor) ** 2).sum(dim=1, keepdim=True) + 1e-12)
+
+
+def deviatoric_cosine(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cosine (B, 1, ...) between the deviatoric parts of two log-tensor fields (B, 6, ...): 1 for the same
+    axes, whatever the anisotropy; for two cylinders (3 cos^2 theta - 1) / 2 of the angle theta between them."""
+    first, second = deviatoric(prediction), deviatoric(target)
+    return (first * second).sum(dim=1, keepdim=True) / (deviatoric_norm(prediction) * deviatoric_norm(target))
 
 
 def voxel_weights(mask: torch.Tensor, white_matter: torch.Tensor | None, factor: float) -> torch.Tensor:
@@ -240,7 +256,8 @@ class TensorLoss:
     """Masked, white-matter-weighted Huber losses on log-Euclidean tensors (see ``dti.logeuclid``).
 
     ``__call__(prediction, target, mask, white_matter)`` with prediction/target (B, 6, X, Y, Z) log-tensors,
-    mask and white_matter (B, 1, X, Y, Z) returns the terms ``components``, ``anisotropy`` and ``total``.
+    mask and white_matter (B, 1, X, Y, Z) returns the terms ``components``, ``anisotropy``, ``direction``
+    and ``total``.
     """
 
     def __init__(self, weights: TensorLossWeights = TensorLossWeights()):
@@ -255,9 +272,12 @@ class TensorLoss:
         delta = self.weights.huber_delta
         components = F.huber_loss(prediction * frobenius, target * frobenius, reduction="none", delta=delta)
         anisotropy = F.huber_loss(deviatoric_norm(prediction), deviatoric_norm(target), reduction="none", delta=delta)
+        direction = (1.0 - deviatoric_cosine(prediction, target)) * deviatoric_norm(target).detach()
         terms = {"components": (components.sum(dim=1, keepdim=True) * weights).sum() / total_weight,
-                 "anisotropy": (anisotropy * weights).sum() / total_weight}
-        terms["total"] = self.weights.components * terms["components"] + self.weights.anisotropy * terms["anisotropy"]
+                 "anisotropy": (anisotropy * weights).sum() / total_weight,
+                 "direction": (direction * weights).sum() / total_weight}
+        terms["total"] = (self.weights.components * terms["components"] + self.weights.anisotropy * terms["anisotropy"]
+                          + self.weights.direction * terms["direction"])
         return terms
 
 
