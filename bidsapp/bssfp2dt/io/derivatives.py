@@ -45,7 +45,7 @@ SCALAR_DESCRIPTIONS = {
 # bids-validator-deno 3.x ignores no folder for a pattern with a trailing slash ("figures/"); the bare
 # name ("figures") matches the folder at any depth, so the evaluation's folders are listed both ways.
 BIDSIGNORE_LINES = ("*_dwimap.*", "*.html", "*_errors.tsv", "*_errors.json", "figures/", "figures", "logs/", "log/",
-                    "logs", "log", "models/", "models",
+                    "sub-*/figures/**", "logs", "log", "models/", "models",
                     "group/", "group")
 README_TEXT = (
     f"# {PIPELINE_NAME} derivatives\n\nDiffusion tensor (BEP016 draft naming, `*_dwimap.nii.gz`), FA, MD, AD, RD, "
@@ -419,12 +419,12 @@ def participant_report_path(output_dir: Path | str, subject: str) -> Path:
 
 def participant_figure_path(output_dir: Path | str, subject: str, session: str | None, modality: str,
                             reference_session: str | None, figure: str) -> Path:
-    """``output_dir/figures/sub-<s>[_ses-<i>]_desc-<modality>error[ref<r>]_<figure>.png``, next to ``sub-<s>.html``
-    (``figure`` alphanumeric, e.g. ``D11``, ``errormaps``). The BIDS validator 3.x applies the ``figures/``
-    line of ``.bidsignore`` at the dataset root only, so a ``sub-<s>/figures/`` folder would be an error."""
+    """``output_dir/sub-<s>/figures/sub-<s>[_ses-<i>]_desc-<modality>error[ref<r>]_<figure>.png`` (``figure``
+    alphanumeric, e.g. ``D11``, ``errormaps``): fMRIPrep's place, so one subject's folder is self-contained.
+    ``.bidsignore`` lists ``sub-*/figures/**`` for the BIDS validator 3.x."""
     name = bids_filename(figure, ".png", subject=subject, session=session,
                          description=evaluation_desc(modality, reference_session))
-    return Path(output_dir) / FIGURES_FOLDER / name
+    return Path(output_dir) / f"sub-{subject}" / FIGURES_FOLDER / name
 
 
 def group_errors_path(output_dir: Path | str) -> Path:

@@ -10,7 +10,9 @@ session that has the model's input modality:
 4. denormalisation to mm^2/s, zero outside the brain mask, FA/MD/AD/RD/colour-FA/angles;
 5. every file of the naming table with sidecars naming the model (id, version, sha256);
 6. when the subject has a reference tensor (any DWI session): the evaluation of every
-   (input session, DWI session) pair on the same grid.
+   (input session, DWI session) pair on the same grid;
+7. for every subject, with or without DWI: QC figures, the report ``sub-<label>.html``
+   (:mod:`bssfp2dt.pipeline.reporting`); after all subjects, ``logs/CITATION.md``.
 
 The model is loaded once, before any subject, so a missing or damaged checkpoint is one exit-66 line.
 Each failed subject leaves a crash file in ``sub-<label>/log/<run_uuid>/``; the return value is 1 if
@@ -76,7 +78,11 @@ def run_participant(plan) -> int:
     from bssfp2dt.inference.device import configure_cpu_threads, resolve_device
     from bssfp2dt.io.derivatives import initialise_dataset
 
+    from bssfp2dt.pipeline import reporting
+
     config = plan.config
+    if config.run.reports_only:  # rebuild sub-<label>.html and logs/CITATION.md from the output folder alone
+        return reporting.rebuild_reports(config, [subject.subject for subject in plan.subjects])
     configure_cpu_threads(config.resources.omp_nthreads)
     device = resolve_device(config.resources.device)
     model = load_model(config.selection.input_modality, config.model.model, device)
@@ -92,6 +98,7 @@ def run_participant(plan) -> int:
         except Exception as error:  # noqa: BLE001 - one subject's failure must not lose the others
             failed.append(label)
             crash = write_crash_file(config, label, error)
+            reporting.report_failed_subject(config, label)
             logger.error("sub-%s failed after %.1f s: %s (crash file %s)", label, time.perf_counter() - started,
                          getattr(error, "message", None) or f"{type(error).__name__}: {error}", crash)
             if config.run.stop_on_first_crash:
@@ -100,6 +107,7 @@ def run_participant(plan) -> int:
         else:
             succeeded.append(label)
             logger.info("sub-%s finished in %.1f s", label, time.perf_counter() - started)
+    reporting._guarded("logs/CITATION.md", reporting.write_citation, config)
     not_run = [s.subject for s in plan.subjects if s.subject not in succeeded and s.subject not in failed]
     logger.info("participant level: %d subject(s) succeeded%s, %d failed%s%s", len(succeeded),
                 f" ({', '.join(succeeded)})" if succeeded else "", len(failed),
@@ -172,6 +180,9 @@ def process_subject(plan, subject_inputs, model: LoadedModel, device) -> list[Pa
         raise MissingInputError(f"sub-{label}: no session has a preprocessed {model.modality} input; check the "
                                 "inputs with --dry-run")
     evaluate_subject(config, preprocessed, raw_sessions, predictions, model)
+    from bssfp2dt.pipeline.reporting import report_subject
+
+    report_subject(plan, subject_inputs, preprocessed, model)  # every subject, with or without DWI
     return written
 
 
