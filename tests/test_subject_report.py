@@ -111,3 +111,10 @@ def test_failed_subject_report_lists_the_crash_file(tmp_path):
 def test_mosaic_windows_fa_on_0_1_and_mean_b0_uses_low_b():
     dwi = np.stack([np.full((2, 2, 2), value) for value in (10.0, 3.0, 12.0)], axis=-1)
     np.testing.assert_allclose(reportlets.mean_b0(dwi, np.array([0, 1000, 5])), 11.0)
+
+
+def test_figures_in_the_subject_folder_keep_the_dataset_valid(no_dwi):
+    from bssfp2dt.io.validation import validation_errors
+
+    assert any((no_dwi["out"] / "sub-01" / "figures").glob("*.png"))
+    assert validation_errors(no_dwi["out"]) == []

@@ -25,14 +25,30 @@ from bssfp2dt.io.nifti import save_nifti, write_json, write_text
 logger = logging.getLogger(__name__)
 
 PIPELINE_NAME = "bssfp2dt"
-CODE_URL = "https://github.com/bssfp2dt/bssfp2dt"
+def _code_url(default: str = "https://github.com/bssfp2dt/bssfp2dt") -> str:
+    """The ``Source`` URL of the installed package's metadata (``[project.urls]`` in pyproject.toml: one place)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, metadata
+
+        for entry in metadata("bssfp2dt").get_all("Project-URL") or []:
+            label, _, url = entry.partition(",")
+            if label.strip().lower() == "source" and url.strip():
+                return url.strip()
+    except (ImportError, PackageNotFoundError):
+        pass
+    return default
+
+
+CODE_URL = _code_url()
+HOW_TO_ACKNOWLEDGE = ("Please cite bssfp2dt with its version (GeneratedBy) and include the methods text of "
+                      "logs/CITATION.md, with its references (logs/CITATION.bib), in the Methods section.")
 BIDS_VERSION = "1.10.0"
 RAW_DATASET_KEY = "raw"  # BIDS URIs of inputs read "bids:raw:sub-01/..."
 SPACE = "T1w"
 # --input-modality value -> alphanumeric desc label of the outputs.
 MODALITY_DESC = {"pc-bssfp": "pcbssfp", "bssfp": "bssfp", "t1w": "t1w", "dwi-tensor": "dwi"}
 TENSOR_COMPONENT_ORDER = ("D11", "D12", "D13", "D22", "D23", "D33")  # BEP016 volume order
-SCALAR_UNITS = {"fa": "arbitrary", "md": "mm^2/s", "ad": "mm^2/s", "rd": "mm^2/s",
+SCALAR_UNITS = {"fa": "ratio", "md": "mm^2/s", "ad": "mm^2/s", "rd": "mm^2/s",
                 "inclination": "deg", "azimuth": "deg"}
 SCALAR_DESCRIPTIONS = {
     "fa": "fractional anisotropy (dimensionless, 0..1)",
@@ -213,6 +229,9 @@ def dataset_description(bids_dir: Path, environ: Mapping[str, str] | None = None
         "BIDSVersion": BIDS_VERSION,
         "DatasetType": "derivative",
         "GeneratedBy": [generated_by],
+        # Derivatives carry the terms of the data they come from; the code's own licence is in GeneratedBy's CodeURL.
+        "License": str(raw.get("License") or "the source dataset's licence (it declares none)"),
+        "HowToAcknowledge": HOW_TO_ACKNOWLEDGE,
     }
     doi = raw.get("DatasetDOI")
     if doi:
