@@ -1,7 +1,8 @@
 """The participant report of a subject without DWI, ``--reports-only`` and ``logs/CITATION.md``.
 
 One CLI run of a tiny simulated subject whose DWI (and reverse-PE b0) was removed, with Gibbs removal and
-motion correction switched off as in the participant tests, so the methods text must say they did not run.
+motion correction switched off as in the participant tests, so the methods text must say they did not run,
+and ``--output-spaces MNI152NLin2009aSym`` (template-space outputs, offline).
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ from bssfp2dt.preprocessing import workflow
 from bssfp2dt.simulation.dataset import simulate_dataset
 
 
+TEMPLATE = "MNI152NLin2009aSym"  # the template that works offline (seeded from nilearn)
+
+
 def argv(bids_dir: Path, output_dir: Path, work_dir: Path, model: Path, *extra: str) -> list[str]:
     return [str(bids_dir), str(output_dir), "participant", "--model", str(model), "-w", str(work_dir),
             "--patch-size", "32", "--nprocs", "1", "--omp-nthreads", "1", "--skip-bids-validation",
@@ -42,7 +46,8 @@ def no_dwi(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(workflow, "settings_from_config",
                       lambda config: dataclasses.replace(original(config), gibbs=False, motion_correction=False))
-        code = main(argv(bids_dir, root / "out", root / "work", model))
+        patch.delenv("TEMPLATEFLOW_HOME", raising=False)  # the offline home seeded in the work dir
+        code = main(argv(bids_dir, root / "out", root / "work", model, "--output-spaces", TEMPLATE))
     return {"root": root, "bids": bids_dir, "out": root / "out", "model": model, "code": code}
 
 
@@ -118,3 +123,26 @@ def test_figures_in_the_subject_folder_keep_the_dataset_valid(no_dwi):
 
     assert any((no_dwi["out"] / "sub-01" / "figures").glob("*.png"))
     assert validation_errors(no_dwi["out"]) == []
+
+
+def test_template_space_outputs_are_valid_and_parse_with_pybids(no_dwi):
+    import nibabel as nib
+    from bids import BIDSLayout
+
+    from bssfp2dt.io import derivatives
+
+    paths = derivatives.tensor_map_paths("01", "1", "pc-bssfp", no_dwi["out"], space=TEMPLATE)
+    for path in (paths.diffusivity, paths.fa, paths.md, paths.colour_fa, paths.brain_mask):
+        assert path.is_file(), path
+    tensor = nib.load(paths.diffusivity)
+    assert tensor.shape[3] == 6 and np.allclose(np.diag(tensor.affine)[:3], 2.0)
+    fa = np.asarray(nib.load(paths.fa).dataobj)
+    assert 0 < fa.max() <= 1 and (fa > 0).sum() > 100
+    sidecar = (paths.fa.parent / paths.fa.name.replace(".nii.gz", ".json")).read_text()
+    assert "SpatialReference" not in sidecar  # a standard template needs none
+    layout = BIDSLayout(str(no_dwi["out"]), validate=False,
+                        config=["bids", "derivatives", derivatives.PYBIDS_BEP016_CONFIG])
+    found = layout.get(subject="01", space=TEMPLATE, suffix="dwimap", extension=".nii.gz", return_type="filename")
+    assert len(found) == 8  # tensor, six scalar maps, colour-FA
+    text = (no_dwi["out"] / "logs" / "CITATION.md").read_text()
+    assert f"normalised to {TEMPLATE}" in text and "@templateflow" in text

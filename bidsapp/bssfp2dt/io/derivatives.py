@@ -108,16 +108,18 @@ def modality_desc(input_modality: str) -> str:
         raise ValueError(f"unknown input modality {input_modality!r}") from None
 
 
-def tensor_map_paths(subject: str, session: str | None, modality: str, root: Path | str = ".") -> OutputPaths:
+def tensor_map_paths(subject: str, session: str | None, modality: str, root: Path | str = ".",
+                     space: str = SPACE) -> OutputPaths:
     """Paths of every output of the naming table under ``root`` (relative when root is ``'.'``).
 
-    ``modality`` is an ``--input-modality`` value (``pc-bssfp``) or its desc label (``pcbssfp``).
+    ``modality`` is an ``--input-modality`` value (``pc-bssfp``) or its desc label (``pcbssfp``);
+    ``space``: ``T1w`` or a template name (``--output-spaces``).
     """
     desc = MODALITY_DESC.get(modality, modality)
     if desc not in MODALITY_DESC.values():
         raise ValueError(f"unknown input modality {modality!r}")
     root = Path(root)
-    common = {"subject": subject, "session": session, "space": SPACE}
+    common = {"subject": subject, "session": session, "space": space}
 
     def dwimap(param: str, description: str = desc) -> Path:
         return bids_path(root, "dwi", "dwimap", description=description, model="tensor", param=param, **common)
@@ -275,8 +277,11 @@ def initialise_dataset(output_dir: Path, bids_dir: Path) -> None:
 
 # --------------------------------------------------------------------------- sidecars
 def _common(sources: Iterable[str], spatial_reference: str, skull_stripped: bool | None) -> dict[str, Any]:
-    # space-T1w is not a standard template, so BIDS requires SpatialReference (a BIDS URI of the T1w).
-    sidecar: dict[str, Any] = {"Sources": list(sources), "SpatialReference": spatial_reference}
+    # space-T1w is not a standard template, so BIDS requires SpatialReference (a BIDS URI of the T1w);
+    # a standard template (space-MNI152NLin2009aSym) needs none, and "" leaves it out.
+    sidecar: dict[str, Any] = {"Sources": list(sources)}
+    if spatial_reference:
+        sidecar["SpatialReference"] = spatial_reference
     if skull_stripped is not None:
         sidecar["SkullStripped"] = skull_stripped
     return sidecar

@@ -159,6 +159,7 @@ def _require_normalization(normalization, modality: str) -> None:
 def process_subject(plan, subject_inputs, model: LoadedModel, device) -> list[Path]:
     """Preprocess, predict, write and evaluate one subject; return the written prediction images."""
     from bssfp2dt.preprocessing.workflow import run_preprocessing
+    from bssfp2dt.spaces.normalize import write_template_outputs
 
     config = plan.config
     label = subject_inputs.subject
@@ -168,6 +169,7 @@ def process_subject(plan, subject_inputs, model: LoadedModel, device) -> list[Pa
     logger.info("sub-%s: preprocessing done in %.1f s", label, time.perf_counter() - started)
     raw_sessions = {session.session: session for session in subject_inputs.sessions}
     predictions: dict[str | None, tuple[np.ndarray, Path]] = {}
+    template_steps: dict[str | None, list] = {}
     written: list[Path] = []
     for session in preprocessed.sessions:
         if not _has_input(session, model.modality):
@@ -176,13 +178,15 @@ def process_subject(plan, subject_inputs, model: LoadedModel, device) -> list[Pa
         tensor, files = predict_session(config, session, raw_sessions[session.session], model, device)
         predictions[session.session] = (tensor, files.diffusivity)
         written.extend(files.all())
+        template_steps[session.session] = write_template_outputs(config, session, raw_sessions[session.session],
+                                                                 tensor, model)  # --output-spaces
     if not predictions:
         raise MissingInputError(f"sub-{label}: no session has a preprocessed {model.modality} input; check the "
                                 "inputs with --dry-run")
     evaluate_subject(config, preprocessed, raw_sessions, predictions, model)
     from bssfp2dt.pipeline.reporting import report_subject
 
-    report_subject(plan, subject_inputs, preprocessed, model)  # every subject, with or without DWI
+    report_subject(plan, subject_inputs, preprocessed, model, template_steps)  # every subject, with or without DWI
     return written
 
 

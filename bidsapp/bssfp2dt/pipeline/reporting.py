@@ -19,8 +19,12 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 
-def report_subject(plan, subject_inputs, preprocessed, model) -> Path | None:
-    """Figures, run record and HTML report of one processed subject; returns the report path."""
+def report_subject(plan, subject_inputs, preprocessed, model, extra_steps=None) -> Path | None:
+    """Figures, run record and HTML report of one processed subject; returns the report path.
+
+    ``extra_steps``: session label -> provenance records of steps after the preprocessing (template
+    normalisation), added to the session's steps in the run record.
+    """
     from bssfp2dt.evaluation import subject_report
 
     config = plan.config
@@ -33,7 +37,9 @@ def report_subject(plan, subject_inputs, preprocessed, model) -> Path | None:
                  subject_report.write_session_qc, output_dir, session, raw)
         _guarded(f"map figures of sub-{session.subject} ses-{session.session}", _write_mosaics, output_dir,
                  session.subject, session.session, model.modality)
-        sessions.append(subject_report.session_context(session, raw, config.paths.bids_dir))
+        record = subject_report.session_context(session, raw, config.paths.bids_dir)
+        record["steps"] += list((extra_steps or {}).get(session.session, []))
+        sessions.append(record)
     context = {"subject": preprocessed.subject, "run_uuid": config.run.run_uuid, "version": config.run.version,
                "settings": run_settings(config), "model": subject_report.model_context(model),
                "sessions": sessions}

@@ -91,11 +91,8 @@ def seed_offline(home: Path, name: str) -> bool:
 def template_file(name: str, work_dir: Path, suffix: str = "T1w", label: str | None = None) -> Path:
     """A 1 mm template file through :func:`templateflow.api.get` (seeded offline first); exit 66 if absent."""
     home = templateflow_home(work_dir)
-    if not (home / f"tpl-{name}").is_dir() or name in OFFLINE_TEMPLATES:
-        _setup_home()
-        seed_offline(home, name)
-    from templateflow import api
-
+    api = templateflow_api(home)
+    seed_offline(home, name)
     try:
         found = api.get(name, resolution=1, suffix=suffix, label=label, desc=None, extension=".nii.gz")
     except Exception as error:  # noqa: BLE001 - templateflow raises many kinds (network, missing template)
@@ -112,6 +109,18 @@ def template_file(name: str, work_dir: Path, suffix: str = "T1w", label: str | N
     return Path(found)
 
 
-def _setup_home() -> None:
-    """Let templateflow create its skeleton in the home (from the copy inside the package: no network)."""
-    from templateflow import api  # noqa: F401 - importing sets the home up
+def templateflow_api(home: Path):
+    """``templateflow.api`` reading ``home``: templateflow fixes its home when first imported, so a module
+    imported with another home is reloaded (its skeleton is copied from the package: no network)."""
+    import importlib
+
+    import templateflow.conf
+
+    if Path(templateflow.conf.TF_HOME).resolve() != Path(home).resolve():
+        importlib.reload(templateflow.conf)
+        import templateflow.api
+
+        importlib.reload(templateflow.api)
+    import templateflow.api
+
+    return templateflow.api

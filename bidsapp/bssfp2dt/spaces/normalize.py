@@ -1,0 +1,164 @@
+"""Template-space outputs (``--output-spaces``): ANTs normalisation of the T1w, tensor reorientation.
+
+The subject's brain-masked T1w on the common grid is registered to the template's brain (1 mm template
+resampled to :data:`TEMPLATE_VOXEL_MM`, masked by its GM + WM probability) with ANTs (antspyx), affine by
+default: a cheap registration at 2 mm that the tensor can follow exactly. The predicted tensor is then
+resampled onto the template grid and every tensor rotated by the rotation part of the transform's Jacobian
+(finite strain, :func:`bssfp2dt.preprocessing.resampling.resample_tensor`); for an affine transform the
+Jacobian is the same everywhere. FA, MD, AD, RD, colour-FA and the angles are recomputed from the
+template-space tensor (so colour-FA and the angles are in the template's axes).
+
+Conventions: ANTs transforms map fixed (template) points to moving (subject) points in LPS millimetres;
+:func:`ants_affine_to_ras` turns one into the 4x4 "target world -> source world" RAS matrix that
+:mod:`bssfp2dt.preprocessing.resampling` takes.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bssfp2dt.errors import Bssfp2dtError
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_VOXEL_MM = 2.0
+TRANSFORM_TYPES = {"affine": "Affine", "rigid": "Rigid"}
+_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS (its own inverse)
+
+
+def ants_affine_to_ras(parameters: np.ndarray, fixed_parameters: np.ndarray) -> np.ndarray:
+    """4x4 RAS matrix of an ITK/ANTs affine transform (12 parameters: 3x3 row-major matrix, translation;
+    fixed parameters: the centre), which maps fixed LPS points x to A (x - c) + t + c."""
+    matrix = np.asarray(parameters[:9], dtype=np.float64).reshape(3, 3)
+    translation = np.asarray(parameters[9:12], dtype=np.float64)
+    centre = np.asarray(fixed_parameters[:3], dtype=np.float64)
+    lps = np.eye(4)
+    lps[:3, :3] = matrix
+    lps[:3, 3] = translation + centre - matrix @ centre
+    return _LPS @ lps @ _LPS
+
+
+def template_grid(template_t1w: Path, voxel_mm: float = TEMPLATE_VOXEL_MM):
+    """The template on an axis-aligned ``voxel_mm`` grid: ``(t1w, brain (0..1), shape, affine)``.
+
+    The brain is GM + WM probability from the template folder when present, else t1w > 20 % of its 99th
+    percentile (templates without tissue maps).
+    """
+    import nibabel as nib
+
+    from bssfp2dt.preprocessing.resampling import common_grid, resample
+
+    image = nib.load(str(template_t1w))
+    data = np.asarray(image.dataobj, dtype=np.float64)
+    shape, affine = common_grid(image.affine, image.shape, voxel_mm)
+    t1w = resample(data, image.affine, shape, affine)
+    brain = None
+    for label in ("GM", "WM"):
+        candidates = list(Path(template_t1w).parent.glob(f"*res-1_label-{label}_probseg.nii.gz"))
+        if candidates and candidates[0].stat().st_size:
+            tissue = nib.load(str(candidates[0]))
+            values = resample(np.asarray(tissue.dataobj, dtype=np.float64), tissue.affine, shape, affine)
+            values = values / max(float(values.max()), 1e-12)  # uint8 copies hold 0..255
+            brain = values if brain is None else brain + values
+    if brain is None:
+        brain = (t1w > 0.2 * np.percentile(t1w, 99)).astype(np.float64)
+    return t1w, np.clip(brain, 0.0, 1.0), shape, affine
+
+
+def register_to_template(t1w: np.ndarray, t1w_affine: np.ndarray, template: np.ndarray,
+                         template_affine: np.ndarray, transform_type: str = "affine",
+                         seed: int = 1) -> np.ndarray:
+    """ANTs registration of a brain-masked T1w (moving) to a template brain (fixed).
+
+    Returns the 4x4 RAS "template world -> T1w world" matrix (mm). Initialised by aligning the centres
+    of mass (ANTs' default), mutual information, one thread-independent seed.
+    """
+    import ants
+    import nibabel as nib
+
+    if transform_type not in TRANSFORM_TYPES:
+        raise Bssfp2dtError(f"template registration {transform_type!r} unknown: use {', '.join(TRANSFORM_TYPES)}")
+    with tempfile.TemporaryDirectory(prefix="bssfp2dt-ants-") as folder:
+        paths = []
+        for name, data, affine in (("fixed", template, template_affine), ("moving", t1w, t1w_affine)):
+            path = Path(folder) / f"{name}.nii.gz"
+            nib.save(nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine), str(path))
+            paths.append(str(path))
+        fixed, moving = ants.image_read(paths[0]), ants.image_read(paths[1])
+        shrink = pyramid(template.shape)
+        options = dict(outprefix=str(Path(folder) / "xfm_"), random_seed=seed, aff_metric="mattes",
+                       aff_iterations=(200,) * len(shrink), aff_shrink_factors=shrink,
+                       aff_smoothing_sigmas=tuple(max(f - 1, 0) for f in shrink), aff_random_sampling_rate=1.0,
+                       verbose=False)
+        # Rigid first, then the affine from there (an affine alone from the centre of mass stalls on rotations).
+        result = ants.registration(fixed=fixed, moving=moving, type_of_transform="Rigid", **options)
+        if transform_type == "affine":
+            result = ants.registration(fixed=fixed, moving=moving, type_of_transform="Affine",
+                                       initial_transform=result["fwdtransforms"][0], **options)
+        transform = ants.read_transform(result["fwdtransforms"][0])
+        return ants_affine_to_ras(np.asarray(transform.parameters), np.asarray(transform.fixed_parameters))
+
+
+def pyramid(shape, smallest: int = 24) -> tuple[int, ...]:
+    """Shrink factors of the multi-resolution registration (8, 4, 2, 1 at most): every level keeps at least
+    ``smallest`` voxels along the shortest axis (ANTs' default 8x on a 2 mm grid leaves a dozen)."""
+    factors = [factor for factor in (8, 4, 2) if min(shape[:3]) / factor >= smallest]
+    return tuple(factors) + (1,)
+
+
+def tensor_to_template(tensor: np.ndarray, mask: np.ndarray, affine: np.ndarray, shape, template_affine: np.ndarray,
+                       transform: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tensor (X, Y, Z, 6, mm^2/s) and mask resampled to the template grid with finite-strain reorientation.
+
+    ``transform``: 4x4 template world -> subject world (RAS mm). Returns ``(tensor (X', Y', Z', 6), mask)``.
+    """
+    from bssfp2dt.preprocessing.resampling import resample, resample_tensor
+
+    moved_mask = resample(np.asarray(mask, dtype=np.float64), affine, shape, template_affine, transform) > 0.5
+    moved = resample_tensor(np.asarray(tensor, dtype=np.float64), affine, shape, template_affine, transform)
+    return moved * moved_mask[..., None], moved_mask
+
+
+def write_template_outputs(config, session, raw_session, tensor: np.ndarray, model) -> list[dict[str, Any]]:
+    """For every template of ``--output-spaces``: normalise, resample, write ``space-<template>`` outputs.
+
+    ``session``: the preprocessed session (T1w grid and mask); ``tensor``: its predicted tensor (mm^2/s).
+    Returns the provenance records (one per template) for the report and the methods text.
+    """
+    from bssfp2dt.dti.maps import tensor_maps
+    from bssfp2dt.io import derivatives
+    from bssfp2dt.io.nifti import load_nifti
+    from bssfp2dt.spaces.templates import NATIVE_SPACE, template_file
+
+    records = []
+    templates = [space for space in getattr(config.model, "output_spaces", ()) if space != NATIVE_SPACE]
+    if not templates:
+        return records
+    t1w, affine = load_nifti(session.t1w)
+    mask = np.asarray(load_nifti(session.brain_mask)[0]) > 0
+    for name in templates:
+        started = time.perf_counter()
+        template, brain, shape, template_affine = template_grid(template_file(name, config.paths.work_dir))
+        transform = register_to_template(np.asarray(t1w, dtype=np.float64) * mask, affine, template * (brain > 0.5),
+                                         template_affine)
+        moved, moved_mask = tensor_to_template(tensor, mask, affine, shape, template_affine, transform)
+        maps = tensor_maps(moved, moved_mask, dtype=np.float32)
+        paths = derivatives.tensor_map_paths(session.subject, session.session, model.modality,
+                                             config.paths.output_dir, space=name)
+        sources = [derivatives.bids_uri(raw_session.t1w.image, config.paths.bids_dir)]
+        outputs = {"diffusivity": moved, **{param: maps[param] for param in derivatives.SCALAR_UNITS},
+                   "colour_fa": maps["rgb"], "brain_mask": moved_mask.astype(np.uint8)}
+        derivatives.write_tensor_outputs(paths, outputs, template_affine, sources, "", model.modality,
+                                         model_parameters=model.parameters())
+        record = {"step": "normalise_to_template", "template": name, "transform_type": "affine",
+                  "tool": "ANTs (antspyx)", "voxel_mm": TEMPLATE_VOXEL_MM, "reorientation": "finite strain",
+                  "transform": transform.tolist(), "seconds": round(time.perf_counter() - started, 3)}
+        logger.info("sub-%s ses-%s: outputs in %s written in %.1f s", session.subject, session.session, name,
+                    record["seconds"])
+        records.append(record)
+    return records
