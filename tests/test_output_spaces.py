@@ -132,8 +132,10 @@ def test_output_spaces_keep_t1w_first_and_refuse_bad_names():
 
     assert templates.check_output_spaces(["MNI152NLin2009aSym", "T1w", "MNI152NLin2009aSym:res-2"]) == (
         "T1w", "MNI152NLin2009aSym")
-    with pytest.raises(UsageError):
-        templates.check_output_spaces(["MNI/152"])
+    assert templates.check_output_spaces(["MNI152NLin6Asym:res-4"]) == ("T1w", "MNI152NLin6Asym:res-4")
+    for bad in ("MNI/152", "MNI152NLin6Asym:cohort-1", "MNI152NLin6Asym:res-0"):
+        with pytest.raises(UsageError):
+            templates.check_output_spaces([bad])
 
 
 def test_offline_template_comes_through_templateflow(tmp_path, monkeypatch):
@@ -144,3 +146,13 @@ def test_offline_template_comes_through_templateflow(tmp_path, monkeypatch):
     assert (path.parent / "NOTICE-bssfp2dt.txt").read_text().startswith("The ICBM 2009a")
     t1w, brain, shape, affine = normalize.template_grid(path)
     assert np.allclose(np.diag(affine)[:3], 2.0) and 0.05 < brain.mean() < 0.6 and t1w.shape == shape
+
+
+def test_moments_start_scales_a_small_head_to_the_template():
+    """The similarity start: centres of mass aligned, volume ratio 1/8 -> scale 0.5."""
+    affine = grid_affine()
+    points = world(affine)
+    big = head(points)
+    small = head(points * 2.0 - [4.0, 0.0, 0.0])  # half size, centred at x = 2 mm
+    transform = normalize.moments_similarity(big, affine, small, affine)
+    np.testing.assert_allclose(np.diag(transform)[:3], 0.5, atol=0.03)

@@ -47,7 +47,7 @@ def no_dwi(tmp_path_factory):
         patch.setattr(workflow, "settings_from_config",
                       lambda config: dataclasses.replace(original(config), gibbs=False, motion_correction=False))
         patch.delenv("TEMPLATEFLOW_HOME", raising=False)  # the offline home seeded in the work dir
-        code = main(argv(bids_dir, root / "out", root / "work", model, "--output-spaces", TEMPLATE))
+        code = main(argv(bids_dir, root / "out", root / "work", model, "--output-spaces", f"{TEMPLATE}:res-4"))
     return {"root": root, "bids": bids_dir, "out": root / "out", "model": model, "code": code}
 
 
@@ -135,7 +135,7 @@ def test_template_space_outputs_are_valid_and_parse_with_pybids(no_dwi):
     for path in (paths.diffusivity, paths.fa, paths.md, paths.colour_fa, paths.brain_mask):
         assert path.is_file(), path
     tensor = nib.load(paths.diffusivity)
-    assert tensor.shape[3] == 6 and np.allclose(np.diag(tensor.affine)[:3], 2.0)
+    assert tensor.shape[3] == 6 and np.allclose(np.diag(tensor.affine)[:3], 4.0)  # :res-4 (mm)
     fa = np.asarray(nib.load(paths.fa).dataobj)
     assert 0 < fa.max() <= 1 and (fa > 0).sum() > 100
     sidecar = (paths.fa.parent / paths.fa.name.replace(".nii.gz", ".json")).read_text()

@@ -210,8 +210,9 @@ def _spaces(contexts, steps, cited) -> str:
     template = str(normalise.get("template", ""))
     if "MNI152" in template:
         cited.append("mni2009")
-    return (f"**Template space.** The T1w was normalised to {template} (TemplateFlow [@templateflow]) with ANTs "
-            f"[@ants] ({normalise.get('transform_type', 'affine')} registration); the predicted tensor was resampled "
+    return (f"**Template space.** The T1w was normalised to {template} (TemplateFlow [@templateflow]) at "
+            f"{normalise.get('voxel_mm', 2):g} mm with ANTs [@ants] ({normalise.get('transform_type', 'affine')} "
+            f"registration: {normalise.get('stages', 'affine')}); the predicted tensor was resampled "
             "with reorientation of every tensor by the rotation of the transform's local Jacobian (finite strain), "
             "and the scalar maps were resampled by linear interpolation.")
 

@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 TEMPLATE_VOXEL_MM = 2.0
 TRANSFORM_TYPES = {"affine": "Affine", "rigid": "Rigid"}
+STAGES = {"affine": ("Rigid", "Similarity", "Affine"), "rigid": ("Rigid",)}
+ITERATIONS = (100, 100, 50, 25)  # per pyramid level, coarse to fine
+SAMPLING = 0.25  # fraction of voxels the metric samples (ANTs' regular sampling)
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS (its own inverse)
 
 
@@ -92,19 +95,50 @@ def register_to_template(t1w: np.ndarray, t1w_affine: np.ndarray, template: np.n
         fixed, moving = ants.image_read(paths[0]), ants.image_read(paths[1])
         shrink = pyramid(template.shape)
         options = dict(outprefix=str(Path(folder) / "xfm_"), random_seed=seed, aff_metric="mattes",
-                       aff_iterations=(200,) * len(shrink), aff_shrink_factors=shrink,
-                       aff_smoothing_sigmas=tuple(max(f - 1, 0) for f in shrink), aff_random_sampling_rate=1.0,
-                       verbose=False)
-        # Rigid first, then the affine from there (an affine alone from the centre of mass stalls on rotations).
-        result = ants.registration(fixed=fixed, moving=moving, type_of_transform="Rigid", **options)
-        if transform_type == "affine":
-            result = ants.registration(fixed=fixed, moving=moving, type_of_transform="Affine",
-                                       initial_transform=result["fwdtransforms"][0], **options)
+                       aff_iterations=ITERATIONS[-len(shrink):], aff_shrink_factors=shrink,
+                       aff_smoothing_sigmas=tuple(max(f - 1, 0) for f in shrink),
+                       aff_random_sampling_rate=SAMPLING, verbose=False)
+        # Rigid, then similarity (isotropic scale: heads differ in size), then affine, each from the last
+        # (an affine alone from the centres of mass stalls on rotations and scale).
+        initial = str(Path(folder) / "initial.mat")
+        ants.write_transform(_moments_transform(template, template_affine, t1w, t1w_affine), initial)
+        result = None
+        for stage in STAGES[transform_type]:
+            initial = result["fwdtransforms"][0] if result else initial
+            result = ants.registration(fixed=fixed, moving=moving, type_of_transform=stage,
+                                       initial_transform=initial, **options)
         transform = ants.read_transform(result["fwdtransforms"][0])
         return ants_affine_to_ras(np.asarray(transform.parameters), np.asarray(transform.fixed_parameters))
 
 
-def pyramid(shape, smallest: int = 24) -> tuple[int, ...]:
+def moments_similarity(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray,
+                       moving_affine: np.ndarray) -> np.ndarray:
+    """4x4 RAS fixed world -> moving world: centres of mass aligned, scaled by the cube root of the ratio of
+    the foreground volumes (voxels > 0). ANTs' optimiser does not travel from a 1x to a 0.3x head."""
+    def centre_and_volume(data, affine):
+        inside = np.asarray(data) > 0
+        centre = affine[:3, :3] @ np.argwhere(inside).mean(axis=0) + affine[:3, 3]
+        return centre, inside.sum() * abs(np.linalg.det(affine[:3, :3]))
+
+    (fixed_centre, fixed_volume), (moving_centre, moving_volume) = (centre_and_volume(fixed, fixed_affine),
+                                                                      centre_and_volume(moving, moving_affine))
+    scale = (moving_volume / fixed_volume) ** (1.0 / 3.0)
+    transform = np.eye(4)
+    transform[:3, :3] = scale * np.eye(3)
+    transform[:3, 3] = moving_centre - scale * fixed_centre
+    return transform
+
+
+def _moments_transform(fixed, fixed_affine, moving, moving_affine):
+    """:func:`moments_similarity` as an ANTs (LPS) affine transform object."""
+    import ants
+
+    lps = _LPS @ moments_similarity(fixed, fixed_affine, moving, moving_affine) @ _LPS
+    return ants.create_ants_transform(transform_type="AffineTransform", dimension=3,
+                                      matrix=lps[:3, :3], translation=lps[:3, 3], center=np.zeros(3))
+
+
+def pyramid(shape, smallest: int = 12) -> tuple[int, ...]:
     """Shrink factors of the multi-resolution registration (8, 4, 2, 1 at most): every level keeps at least
     ``smallest`` voxels along the shortest axis (ANTs' default 8x on a 2 mm grid leaves a dozen)."""
     factors = [factor for factor in (8, 4, 2) if min(shape[:3]) / factor >= smallest]
@@ -133,7 +167,7 @@ def write_template_outputs(config, session, raw_session, tensor: np.ndarray, mod
     from bssfp2dt.dti.maps import tensor_maps
     from bssfp2dt.io import derivatives
     from bssfp2dt.io.nifti import load_nifti
-    from bssfp2dt.spaces.templates import NATIVE_SPACE, template_file
+    from bssfp2dt.spaces.templates import NATIVE_SPACE, parse_space, template_file
 
     records = []
     templates = [space for space in getattr(config.model, "output_spaces", ()) if space != NATIVE_SPACE]
@@ -141,9 +175,11 @@ def write_template_outputs(config, session, raw_session, tensor: np.ndarray, mod
         return records
     t1w, affine = load_nifti(session.t1w)
     mask = np.asarray(load_nifti(session.brain_mask)[0]) > 0
-    for name in templates:
+    for space in templates:
         started = time.perf_counter()
-        template, brain, shape, template_affine = template_grid(template_file(name, config.paths.work_dir))
+        name, voxel_mm = parse_space(space)
+        voxel_mm = voxel_mm or TEMPLATE_VOXEL_MM
+        template, brain, shape, template_affine = template_grid(template_file(name, config.paths.work_dir), voxel_mm)
         transform = register_to_template(np.asarray(t1w, dtype=np.float64) * mask, affine, template * (brain > 0.5),
                                          template_affine)
         moved, moved_mask = tensor_to_template(tensor, mask, affine, shape, template_affine, transform)
@@ -156,7 +192,8 @@ def write_template_outputs(config, session, raw_session, tensor: np.ndarray, mod
         derivatives.write_tensor_outputs(paths, outputs, template_affine, sources, "", model.modality,
                                          model_parameters=model.parameters())
         record = {"step": "normalise_to_template", "template": name, "transform_type": "affine",
-                  "tool": "ANTs (antspyx)", "voxel_mm": TEMPLATE_VOXEL_MM, "reorientation": "finite strain",
+                  "stages": ", ".join(STAGES["affine"]) + " (mutual information, moments start)",
+                  "tool": "ANTs (antspyx)", "voxel_mm": voxel_mm, "reorientation": "finite strain",
                   "transform": transform.tolist(), "seconds": round(time.perf_counter() - started, 3)}
         logger.info("sub-%s ses-%s: outputs in %s written in %.1f s", session.subject, session.session, name,
                     record["seconds"])

@@ -38,16 +38,28 @@ _NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*")
 
 
 def check_output_spaces(values) -> tuple[str, ...]:
-    """``T1w`` first, then the templates in the given order, without repeats; bad names are exit 64."""
-    spaces = [NATIVE_SPACE]
+    """``T1w`` first, then the templates in the given order, without repeats; bad names are exit 64.
+
+    A template may carry the output voxel size as fMRIPrep writes it: ``MNI152NLin2009aSym:res-4`` (mm,
+    default 2); one voxel size per template.
+    """
+    spaces, names = [NATIVE_SPACE], {NATIVE_SPACE}
     for value in values:
-        name = str(value).split(":", 1)[0]
-        if not _NAME.fullmatch(name):
-            raise UsageError(f"--output-spaces {value!r} is not a TemplateFlow template name (letters and digits, "
-                             "e.g. MNI152NLin2009aSym)")
-        if name not in spaces:
-            spaces.append(name)
+        name, resolution = parse_space(str(value))
+        if name not in names:
+            names.add(name)
+            spaces.append(name if resolution is None else f"{name}:res-{resolution:g}")
     return tuple(spaces)
+
+
+def parse_space(value: str) -> tuple[str, float | None]:
+    """``"Name[:res-N]"`` -> ``(Name, N mm or None)``; exit 64 for anything else."""
+    name, _, modifier = value.partition(":")
+    match = re.fullmatch(r"res-([1-9][0-9]*)", modifier) if modifier else None
+    if not _NAME.fullmatch(name) or (modifier and match is None):
+        raise UsageError(f"--output-spaces {value!r} is not a TemplateFlow template name with an optional "
+                         ":res-<mm> (letters and digits, e.g. MNI152NLin2009aSym or MNI152NLin2009aSym:res-2)")
+    return name, float(match.group(1)) if match else None
 
 
 def templateflow_home(work_dir: Path) -> Path:
