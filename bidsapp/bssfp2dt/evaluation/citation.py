@@ -159,8 +159,10 @@ def _dwi(steps, cited) -> str:
     topup = prepare.get("topup_eddy")
     if topup is not None and _ran(topup):
         cited += ["topup", "eddy"]
-        sentences.append(f" Susceptibility distortions and eddy currents were corrected with FSL's topup and eddy "
-                         f"[@topup; @eddy] ({topup}).")
+        how = topup.get("readout_time", "") if isinstance(topup, dict) else str(topup)
+        sentences.append(" Susceptibility distortions (with the reverse phase-encoded b0), eddy currents and head "
+                         f"motion were corrected with FSL's topup and eddy through fslpy [@topup; @eddy] "
+                         f"(readout time {how}).")
     else:
         sentences.append(f" FSL's topup and eddy were not run ({topup or 'not recorded'}).")
     gibbs = _gibbs_phrase(prepare.get("gibbs"), cited)
@@ -171,7 +173,9 @@ def _dwi(steps, cited) -> str:
             cited.append("mrtrix")
         sentences.append(f" Denoising: {denoise}.")
     motion = prepare.get("motion_correction")
-    if motion is not None and _ran(motion):
+    if motion == "done by eddy":
+        pass
+    elif motion is not None and _ran(motion):
         cited.append("dipy")
         sentences.append(" Head motion was corrected by rigid registration of every volume to the mean b0, with "
                          "the b-vectors rotated accordingly (DIPY [@dipy]).")
