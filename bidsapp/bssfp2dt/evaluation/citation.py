@@ -70,7 +70,8 @@ def _ran(value: Any) -> bool:
 
 
 def _steps(contexts: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    return [step for context in contexts for session in context.get("sessions", []) for step in session.get("steps", [])]
+    return [step for context in contexts for session in context.get("sessions", [])
+            for step in session.get("steps", [])]
 
 
 def _first(steps: Iterable[Mapping[str, Any]], name_part: str) -> Mapping[str, Any] | None:
@@ -86,8 +87,8 @@ def methods_text(contexts: Sequence[Mapping[str, Any]]) -> tuple[str, list[str]]
     version = next((context.get("version") for context in contexts if context.get("version")), __version__)
     n_subjects = len(contexts)
     paragraphs = [f"Results included in this manuscript come from processing with *bssfp2dt* {version}, a BIDS App "
-                  "that predicts the diffusion tensor from balanced steady-state free precession (bSSFP) or T1-weighted "
-                  f"(T1w) images, built on Nipype [@nipype] and NiBabel [@nibabel] ({n_subjects} subject(s)).",
+                  "that predicts the diffusion tensor from balanced steady-state free precession (bSSFP) or "
+                  f"T1-weighted (T1w) images, built on Nipype [@nipype] and NiBabel [@nibabel] ({n_subjects} subject(s)).",
                   _anatomical(steps, cited), _bssfp(steps, cited), _dwi(steps, cited), _model(contexts, cited),
                   _spaces(contexts, steps, cited)]
     text = "\n\n".join(paragraph for paragraph in paragraphs if paragraph)
@@ -99,8 +100,8 @@ def _anatomical(steps, cited) -> str:
     tissues = _first(steps, "tissue")
     parts = ["**Anatomical data.** The T1w image was brain-masked"]
     if grid:
-        parts.append(f" and resampled to a {grid.get('voxel_mm', 2)} mm isotropic grid in T1w space (the common grid of "
-                     "all outputs)")
+        parts.append(f" and resampled to a {grid.get('voxel_mm', 2)} mm isotropic grid in T1w space (the common "
+                     "grid of all outputs)")
     text = "".join(parts) + "."
     if tissues:
         method = str(tissues.get("method", "tissue classification"))

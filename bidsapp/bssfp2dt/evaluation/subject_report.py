@@ -235,7 +235,8 @@ def _summary_section(context: Mapping[str, Any]) -> str:
         return ('<h2 id="summary">Summary</h2><p class="note">No run record (report_context.json) in the log '
                 "folder: this subject has not finished a participant run with this version.</p>")
     parts = ['<h2 id="summary">Summary</h2>',
-             html_table(["setting", "value"], [[key, str(value)] for key, value in context.get("settings", {}).items()])]
+             html_table(["setting", "value"],
+                        [[key, str(value)] for key, value in context.get("settings", {}).items()])]
     for session in context.get("sessions", []):
         label = f"ses-{session['session']}" if session.get("session") else "no session"
         parts.append(f"<h3>{html.escape(label)}: inputs and preprocessing</h3>")

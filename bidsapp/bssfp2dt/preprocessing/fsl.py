@@ -120,9 +120,10 @@ def topup_eddy(dwi: str | Path, bval: str | Path, bvec: str | Path, reverse_pe_b
                          acqp=str(inputs["acqp.txt"]), bvecs=str(bvec), bvals=str(bval), out=str(eddy_prefix),
                          topup=str(topup_prefix), cmdonly=cmdonly)
     commands = [list(topup), list(eddy)] if cmdonly else []
-    given = [row[2] for row in (phase_encoding_row(_sidecar(Path(dwi))), phase_encoding_row(_sidecar(Path(reverse_pe_b0))))]
+    given = [phase_encoding_row(_sidecar(Path(image)))[2] for image in (dwi, reverse_pe_b0)]
+    readout = "from the sidecars" if all(given) else f"{DEFAULT_READOUT_S} s assumed (not in a sidecar)"
     record = {"tool": "FSL topup + eddy (fslpy wrappers)", "topup_config": "b02b0.cnf",
               "fsldir": os.environ.get("FSLDIR"), "acqp": inputs["acqp.txt"].read_text().strip().splitlines(),
-              "readout_time": "from the sidecars" if all(given) else f"{DEFAULT_READOUT_S} s assumed (not in a sidecar)"}
+              "readout_time": readout}
     return FslResult(dwi=Path(f"{eddy_prefix}.nii.gz"), bvec=Path(f"{eddy_prefix}.eddy_rotated_bvecs"),
                      commands=commands, record=record)

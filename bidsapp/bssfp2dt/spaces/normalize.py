@@ -32,6 +32,7 @@ STAGES = {"affine": ("Rigid", "Similarity", "Affine"), "rigid": ("Rigid",)}
 ITERATIONS = (100, 100, 50, 25)  # per pyramid level, coarse to fine
 SAMPLING = 0.25  # fraction of voxels the metric samples (ANTs' regular sampling)
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS (its own inverse)
+_REGISTERED: dict = {}  # (T1w path, template, voxel mm) -> (shape, affine, transform) of the last registration
 
 
 def ants_affine_to_ras(parameters: np.ndarray, fixed_parameters: np.ndarray) -> np.ndarray:
@@ -179,9 +180,15 @@ def write_template_outputs(config, session, raw_session, tensor: np.ndarray, mod
         started = time.perf_counter()
         name, voxel_mm = parse_space(space)
         voxel_mm = voxel_mm or TEMPLATE_VOXEL_MM
-        template, brain, shape, template_affine = template_grid(template_file(name, config.paths.work_dir), voxel_mm)
-        transform = register_to_template(np.asarray(t1w, dtype=np.float64) * mask, affine, template * (brain > 0.5),
-                                         template_affine)
+        key = (str(session.t1w), name, voxel_mm)
+        if key not in _REGISTERED:  # sessions sharing one T1w share its registration
+            template, brain, shape, template_affine = template_grid(template_file(name, config.paths.work_dir),
+                                                                    voxel_mm)
+            transform = register_to_template(np.asarray(t1w, dtype=np.float64) * mask, affine,
+                                             template * (brain > 0.5), template_affine)
+            _REGISTERED.clear()
+            _REGISTERED[key] = (shape, template_affine, transform)
+        shape, template_affine, transform = _REGISTERED[key]
         moved, moved_mask = tensor_to_template(tensor, mask, affine, shape, template_affine, transform)
         maps = tensor_maps(moved, moved_mask, dtype=np.float32)
         paths = derivatives.tensor_map_paths(session.subject, session.session, model.modality,
