@@ -146,3 +146,5 @@ def test_template_space_outputs_are_valid_and_parse_with_pybids(no_dwi):
     assert len(found) == 8  # tensor, six scalar maps, colour-FA
     text = (no_dwi["out"] / "logs" / "CITATION.md").read_text()
     assert f"normalised to {TEMPLATE}" in text and "@templateflow" in text
+    assert (no_dwi["out"] / "sub-01" / "figures" / f"sub-01_ses-1_space-{TEMPLATE}_desc-normqc_T1w.png").is_file()
+    assert f"space-{TEMPLATE}_desc-normqc_T1w.png" in (no_dwi["out"] / "sub-01.html").read_text()

@@ -31,6 +31,8 @@ QC_FIGURES = {
                           "registration; the T1w brain (red) and WM (blue) outlines should follow its edges"),
     "coregdwi": ("dwi", "DWI mean b0 on the T1w grid before and after the rigid registration; the T1w brain (red) "
                         "and WM (blue) outlines should follow its edges"),
+    "normqc": ("T1w", "the subject's brain-masked T1w normalised to the template (--output-spaces), with the "
+                      "outline of the template's brain (GM + WM probability 0.5, red)"),
 }
 #: Predicted-map mosaics: param -> (suffix label, caption).
 MAP_FIGURES = {"fa": ("FA", "predicted FA (0..1), axial slices"),
@@ -44,12 +46,13 @@ def figures_dir(output_dir: Path | str, subject: str) -> Path:
     return Path(output_dir) / f"sub-{subject}" / FIGURES_FOLDER
 
 
-def qc_figure_path(output_dir: Path | str, subject: str, session: str | None, desc: str, suffix: str) -> Path:
-    """``sub-<s>/figures/sub-<s>[_ses-<t>]_desc-<desc>_<suffix>.png``."""
+def qc_figure_path(output_dir: Path | str, subject: str, session: str | None, desc: str, suffix: str,
+                   space: str | None = None) -> Path:
+    """``sub-<s>/figures/sub-<s>[_ses-<t>][_space-<template>]_desc-<desc>_<suffix>.png``."""
     from bssfp2dt.io.naming import bids_filename
 
     return figures_dir(output_dir, subject) / bids_filename(suffix, ".png", subject=subject, session=session,
-                                                             description=desc)
+                                                             space=space, description=desc)
 
 
 def map_figure_path(output_dir: Path | str, subject: str, session: str | None, modality: str, param: str) -> Path:

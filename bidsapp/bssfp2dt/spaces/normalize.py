@@ -146,6 +146,20 @@ def pyramid(shape, smallest: int = 12) -> tuple[int, ...]:
     return tuple(factors) + (1,)
 
 
+def _normalisation_figure(output_dir, session, name, t1w, affine, template_affine, transform, brain) -> None:
+    """QC: the subject's T1w on the template grid with the template's brain and WM outlines (never fatal)."""
+    from bssfp2dt.evaluation.reportlets import tissue_outline_figure
+    from bssfp2dt.evaluation.subject_report import qc_figure_path
+    from bssfp2dt.preprocessing.resampling import resample
+
+    try:
+        moved = resample(t1w, affine, brain.shape, template_affine, transform)
+        path = qc_figure_path(output_dir, session.subject, session.t1w_session, "normqc", "T1w", space=name)
+        tissue_outline_figure(moved, {"brain": brain}, path, f"sub-{session.subject} T1w in {name}")
+    except Exception as error:  # noqa: BLE001 - a figure never fails the subject
+        logger.warning("normalisation figure of sub-%s not drawn: %s", session.subject, error)
+
+
 def tensor_to_template(tensor: np.ndarray, mask: np.ndarray, affine: np.ndarray, shape, template_affine: np.ndarray,
                        transform: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Tensor (X, Y, Z, 6, mm^2/s) and mask resampled to the template grid with finite-strain reorientation.
@@ -188,6 +202,8 @@ def write_template_outputs(config, session, raw_session, tensor: np.ndarray, mod
                                              template * (brain > 0.5), template_affine)
             _REGISTERED.clear()
             _REGISTERED[key] = (shape, template_affine, transform)
+            _normalisation_figure(config.paths.output_dir, session, name, np.asarray(t1w, dtype=np.float64) * mask,
+                                  affine, template_affine, transform, brain)
         shape, template_affine, transform = _REGISTERED[key]
         moved, moved_mask = tensor_to_template(tensor, mask, affine, shape, template_affine, transform)
         maps = tensor_maps(moved, moved_mask, dtype=np.float32)
