@@ -218,8 +218,8 @@ def _spaces(contexts, steps, cited) -> str:
     return (f"**Template space.** The T1w was normalised to {template} (TemplateFlow [@templateflow]) at "
             f"{normalise.get('voxel_mm', 2):g} mm with ANTs [@ants] ({normalise.get('transform_type', 'affine')} "
             f"registration: {normalise.get('stages', 'affine')}); the predicted tensor was resampled "
-            "with reorientation of every tensor by the rotation of the transform's local Jacobian (finite strain), "
-            "and the scalar maps were resampled by linear interpolation.")
+            "(trilinear interpolation of the components) with reorientation of every tensor by the rotation of the "
+            "transform's Jacobian (finite strain), and FA, MD, AD, RD and colour-FA were recomputed from it.")
 
 
 def write_citation_files(output_dir: Path | str, contexts: Sequence[Mapping[str, Any]]) -> Path:

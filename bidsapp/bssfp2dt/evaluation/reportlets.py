@@ -59,7 +59,8 @@ def registration_figure(before: np.ndarray, after: np.ndarray, outlines: Mapping
 def tissue_outline_figure(t1w: np.ndarray, outlines: Mapping[str, np.ndarray], path: Path, title: str) -> Path:
     """The T1w in three planes at three positions each, with the mask and tissue outlines (probability 0.5)."""
     mask = np.asarray(outlines.get("brain", np.ones(t1w.shape)), dtype=np.float64) > 0.5
-    low, high = display_range(t1w, mask)
+    high = display_range(t1w, mask, (1.0, 99.5))[1] * 1.15  # headroom: bright WM stays below white
+    low = 0.0
     lower, upper = _mask_extent(mask)
     figure = _figure(9.0, 9.4)
     axes = figure.subplots(3, 3, gridspec_kw=dict(left=0.01, right=0.99, bottom=0.06, top=0.92, wspace=0.04,
@@ -96,14 +97,19 @@ def map_mosaic(volume: np.ndarray, mask: np.ndarray, path: Path, title: str, uni
     figure = _figure(9.0, 2.3 * rows + 0.7)
     axes = figure.subplots(rows, columns, squeeze=False, gridspec_kw=dict(
         left=0.01, right=0.86, bottom=0.02, top=1.0 - 0.6 / (2.3 * rows + 0.7), wspace=0.03, hspace=0.1)).ravel()
-    low, high = value_range or display_range(volume, mask) if not rgb else (0.0, 1.0)
+    low, high = (0.0, 1.0) if rgb else (value_range or display_range(volume, mask))
+    if not rgb:  # outside the brain: the colour map's 'bad' colour (black), not its lowest colour
+        volume = np.where(mask, volume, np.nan)
     image = None
+    from matplotlib import colormaps
+
+    scalar_map = colormaps[cmap].with_extremes(bad="black")
     for axis, k in zip(axes, positions):
         data = np.swapaxes(np.asarray(volume)[:, :, k], 0, 1)
         if rgb:
             axis.imshow(np.clip(data, 0.0, 1.0), origin="lower", interpolation="nearest")
         else:
-            image = axis.imshow(data, origin="lower", cmap=cmap, vmin=low, vmax=high, interpolation="nearest")
+            image = axis.imshow(data, origin="lower", cmap=scalar_map, vmin=low, vmax=high, interpolation="nearest")
         axis.set_title(f"axial {k}", fontsize=8)
     for axis in axes:
         axis.set_axis_off()

@@ -37,7 +37,7 @@ QC_FIGURES = {
 #: Predicted-map mosaics: param -> (suffix label, caption).
 MAP_FIGURES = {"fa": ("FA", "predicted FA (0..1), axial slices"),
                "colourfa": ("colour-FA", "predicted colour-FA (red x, green y, blue z, scaled by FA)"),
-               "md": ("MD", "predicted MD (mm^2/s), axial slices")}
+               "md": ("MD", "predicted MD (10^-3 mm^2/s, window 0-3), axial slices")}
 
 
 # --------------------------------------------------------------------------- paths
@@ -107,8 +107,9 @@ def write_map_mosaics(output_dir: Path | str, subject: str, session: str | None,
     from bssfp2dt.evaluation import reportlets
 
     where = f"sub-{subject}" + (f", ses-{session}" if session else "") + f", {modality} input"
+    # MD in 10^-3 mm^2/s on a fixed window (0..3: white matter ~0.7, CSF ~3), comparable between subjects
     volumes = {"fa": (maps["fa"], (0.0, 1.0), "", "gray"), "colourfa": (maps["rgb"], None, "", "gray"),
-               "md": (maps["md"], None, "mm^2/s", "viridis")}
+               "md": (np.asarray(maps["md"]) * 1e3, (0.0, 3.0), "MD (10^-3 mm^2/s)", "viridis")}
     return [reportlets.map_mosaic(volume, mask, map_figure_path(output_dir, subject, session, modality, param),
                                   f"{MAP_FIGURES[param][1]}, {where}", unit, window, cmap)
             for param, (volume, window, unit, cmap) in volumes.items()]
@@ -237,7 +238,7 @@ def _summary_section(context: Mapping[str, Any]) -> str:
     if not context:
         return ('<h2 id="summary">Summary</h2><p class="note">No run record (report_context.json) in the log '
                 "folder: this subject has not finished a participant run with this version.</p>")
-    parts = ['<h2 id="summary">Summary</h2>',
+    parts = ['<h2 id="summary">Summary</h2><div class="text">',
              html_table(["setting", "value"],
                         [[key, str(value)] for key, value in context.get("settings", {}).items()])]
     for session in context.get("sessions", []):
@@ -246,14 +247,15 @@ def _summary_section(context: Mapping[str, Any]) -> str:
         parts.append(html_table(["input", "file"], list(session.get("inputs", {}).items())))
         parts.append(html_table(["step", "what ran"], [[step.get("step", "?"), describe_step(step)]
                                                         for step in session.get("steps", [])]))
-    return "\n".join(parts)
+    return "\n".join(parts) + "</div>"
 
 
 def describe_step(step: Mapping[str, Any]) -> str:
-    """A one-line summary of a provenance step (its string settings and timing; matrices left out)."""
+    """A one-line summary of a provenance step (its settings and results; matrices and timings left out)."""
     shown = []
     for key, value in step.items():
-        if key in ("step", "transform", "grid_affine", "global_phases_rad"):
+        # timings are left out: the same inputs give a byte-identical report (they are in the logs)
+        if key in ("step", "transform", "grid_affine", "global_phases_rad", "seconds"):
             continue
         if isinstance(value, float):
             value = f"{value:.3g}"
@@ -275,7 +277,7 @@ def _model_section(model: Mapping[str, Any] | None) -> str:
             ["input modality", model.get("modality")], ["generator size", model.get("size")],
             ["training stage", model.get("stage")]]
     caveats = "".join(f"<li>{html.escape(text)}</li>" for text in model.get("caveats", []))
-    return (f'<h2 id="model">Model</h2>\n{html_table(["field", "value"], rows)}\n'
+    return (f'<h2 id="model">Model</h2>\n<div class="text">{html_table(["field", "value"], rows)}</div>\n'
             f'<div class="note"><strong>Caveats (model card)</strong><ul>{caveats}</ul></div>')
 
 
@@ -283,7 +285,9 @@ def _figures_section(output_dir: Path, subject: str, report_dir: Path, which: st
     from bssfp2dt.evaluation.report import html_figure
 
     folder = figures_dir(output_dir, subject)
-    found = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    # subject-level figures (tissues, normalisation) first, then each session's, in session order
+    found = sorted(folder.glob("*.png"), key=lambda path: ("_desc-coreg" in path.name, path.name)) \
+        if folder.is_dir() else []
     parts = []
     for path in found:
         caption = _caption(path.name, which)

@@ -78,8 +78,9 @@ def write_citation(config, labels=None) -> Path:
 
 
 def run_settings(config) -> dict[str, str]:
-    """The settings a reader of the report needs (JSON-ready strings)."""
-    return {"bssfp2dt version": config.run.version, "run": config.run.run_uuid,
+    """The settings a reader of the report needs (JSON-ready strings; no run id or time, so that the same
+    inputs give a byte-identical report)."""
+    return {"bssfp2dt version": config.run.version,
             "input modality": config.selection.input_modality,
             "Gibbs-ringing removal (--unringing-method)": config.preprocessing.unringing_method,
             "DWI head-motion correction (--hmc-model)": config.preprocessing.hmc_model,
