@@ -148,3 +148,13 @@ def test_template_space_outputs_are_valid_and_parse_with_pybids(no_dwi):
     assert f"normalised to {TEMPLATE}" in text and "@templateflow" in text
     assert (no_dwi["out"] / "sub-01" / "figures" / f"sub-01_ses-1_space-{TEMPLATE}_desc-normqc_T1w.png").is_file()
     assert f"space-{TEMPLATE}_desc-normqc_T1w.png" in (no_dwi["out"] / "sub-01.html").read_text()
+
+
+def test_nipype_crash_files_are_listed_too(tmp_path):
+    from bssfp2dt.evaluation.report import write_participant_report
+
+    folder = tmp_path / "sub-08" / "log" / "20260101-000000_y"
+    folder.mkdir(parents=True)
+    (folder / "crash-20260101-000002-root-dwi_prepare_ses1-abc.pklz").write_bytes(b"\x80\x04")
+    text = write_participant_report(tmp_path, "08").read_text()
+    assert "nipypecli crash crash-20260101-000002-root-dwi_prepare_ses1-abc.pklz" in text

@@ -315,13 +315,14 @@ def _errors_section(output_dir: Path, subject: str, report_dir: Path) -> str:
     from bssfp2dt.io.derivatives import subject_log_dir
 
     folder = subject_log_dir(output_dir, subject, "x").parent
-    crashes = sorted(folder.glob("*/crash-*.txt"), reverse=True) if folder.is_dir() else []
+    # bssfp2dt's crash files (.txt) and nipype's (crash-*.pklz, read with `nipypecli crash`)
+    crashes = sorted(folder.glob("*/crash-*"), reverse=True) if folder.is_dir() else []
     if not crashes:
         return '<h2 id="errors">Errors</h2>\n<p>No errors to report.</p>'
     items = []
     for path in crashes:
-        lines = path.read_text(errors="replace").splitlines()
-        summary = lines[1] if len(lines) > 1 else ""
+        lines = path.read_text(errors="replace").splitlines() if path.suffix == ".txt" else []
+        summary = lines[1] if len(lines) > 1 else f"nipype crash file: nipypecli crash {path.name}"
         link = Path(os.path.relpath(path, report_dir)).as_posix()
         items.append(f'<li><a href="{html.escape(link, quote=True)}">{html.escape(path.parent.name)}/'
                      f"{html.escape(path.name)}</a>: {html.escape(summary)}</li>")
