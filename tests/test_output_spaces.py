@@ -156,3 +156,14 @@ def test_moments_start_scales_a_small_head_to_the_template():
     small = head(points * 2.0 - [4.0, 0.0, 0.0])  # half size, centred at x = 2 mm
     transform = normalize.moments_similarity(big, affine, small, affine)
     np.testing.assert_allclose(np.diag(transform)[:3], 0.5, atol=0.03)
+
+
+def test_the_environment_is_left_as_it_was(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.delenv("TEMPLATEFLOW_HOME", raising=False)
+    templates.templateflow_api(tmp_path / "tf")
+    assert "TEMPLATEFLOW_HOME" not in os.environ
+    import templateflow.conf
+
+    assert templateflow.conf.TF_HOME == tmp_path / "tf" or str(templateflow.conf.TF_HOME) == str(tmp_path / "tf")

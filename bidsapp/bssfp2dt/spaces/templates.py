@@ -63,11 +63,8 @@ def parse_space(value: str) -> tuple[str, float | None]:
 
 
 def templateflow_home(work_dir: Path) -> Path:
-    """The TemplateFlow home: ``$TEMPLATEFLOW_HOME`` if set, else ``<work_dir>/templateflow`` (set in the
-    environment before templateflow is imported, which reads it once)."""
-    if not os.environ.get("TEMPLATEFLOW_HOME"):
-        os.environ["TEMPLATEFLOW_HOME"] = str(Path(work_dir).resolve() / "templateflow")
-    return Path(os.environ["TEMPLATEFLOW_HOME"])
+    """The TemplateFlow home: ``$TEMPLATEFLOW_HOME`` if set, else ``<work_dir>/templateflow``."""
+    return Path(os.environ.get("TEMPLATEFLOW_HOME") or Path(work_dir).resolve() / "templateflow")
 
 
 def seed_offline(home: Path, name: str) -> bool:
@@ -126,13 +123,20 @@ def templateflow_api(home: Path):
     imported with another home is reloaded (its skeleton is copied from the package: no network)."""
     import importlib
 
-    import templateflow.conf
+    previous = os.environ.get("TEMPLATEFLOW_HOME")
+    os.environ["TEMPLATEFLOW_HOME"] = str(home)  # read by templateflow.conf on (re)import only
+    try:
+        import templateflow.conf
 
-    if Path(templateflow.conf.TF_HOME).resolve() != Path(home).resolve():
-        importlib.reload(templateflow.conf)
+        if Path(templateflow.conf.TF_HOME).resolve() != Path(home).resolve():
+            importlib.reload(templateflow.conf)
+            import templateflow.api
+
+            importlib.reload(templateflow.api)
         import templateflow.api
-
-        importlib.reload(templateflow.api)
-    import templateflow.api
-
+    finally:  # the caller's environment is left as it was
+        if previous is None:
+            os.environ.pop("TEMPLATEFLOW_HOME", None)
+        else:
+            os.environ["TEMPLATEFLOW_HOME"] = previous
     return templateflow.api
