@@ -173,6 +173,36 @@ def tensor_to_template(tensor: np.ndarray, mask: np.ndarray, affine: np.ndarray,
     return moved * moved_mask[..., None], moved_mask
 
 
+def tensor_through_field(tensor: np.ndarray, affine: np.ndarray, points: np.ndarray,
+                         template_affine: np.ndarray) -> np.ndarray:
+    """Tensor (X, Y, Z, 6) resampled at a dense point map and reoriented by each voxel's local Jacobian.
+
+    ``points``: (X', Y', Z', 3) subject world positions (RAS mm) of the template voxels (the template ->
+    subject map of a nonlinear registration, e.g. ANTs SyN composed with its affine). The Jacobian
+    J = d(subject)/d(template) is taken by central differences; each tensor is rotated by the rotation
+    part of J (finite strain: ``D_t = R^T D_s R``, R from the SVD of J), as ANTs' ReorientTensorImage does.
+    """
+    from scipy import ndimage
+
+    points = np.asarray(points, dtype=np.float64)
+    inverse = np.linalg.inv(affine)
+    voxels = np.einsum("ij,...j->...i", inverse[:3, :3], points) + inverse[:3, 3]
+    coords = np.moveaxis(voxels, -1, 0).reshape(3, -1)
+    sampled = np.stack([ndimage.map_coordinates(np.asarray(tensor[..., c], dtype=np.float64), coords, order=1,
+                                                mode="constant", cval=0.0) for c in range(6)], axis=-1)
+    # d(points)/d(template voxel) / voxel size = d(subject world)/d(template world) on an axis-aligned grid
+    spacing = np.abs(np.diag(template_affine)[:3])
+    jacobian = np.stack([np.gradient(points, axis=axis) / spacing[axis] for axis in range(3)], axis=-1)
+    u, _, vt = np.linalg.svd(jacobian.reshape(-1, 3, 3))
+    rotation = u @ vt
+    d = sampled
+    matrix = np.stack([d[:, [0, 1, 2]], d[:, [1, 3, 4]], d[:, [2, 4, 5]]], axis=-2)
+    turned = np.swapaxes(rotation, -1, -2) @ matrix @ rotation
+    out = np.stack([turned[:, 0, 0], turned[:, 0, 1], turned[:, 0, 2], turned[:, 1, 1], turned[:, 1, 2],
+                    turned[:, 2, 2]], axis=-1)
+    return out.reshape(points.shape[:3] + (6,))
+
+
 def write_template_outputs(config, session, raw_session, tensor: np.ndarray, model) -> list[dict[str, Any]]:
     """For every template of ``--output-spaces``: normalise, resample, write ``space-<template>`` outputs.
 
