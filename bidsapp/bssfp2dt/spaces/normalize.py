@@ -178,7 +178,8 @@ def tensor_through_field(tensor: np.ndarray, affine: np.ndarray, points: np.ndar
     """Tensor (X, Y, Z, 6) resampled at a dense point map and reoriented by each voxel's local Jacobian.
 
     ``points``: (X', Y', Z', 3) subject world positions (RAS mm) of the template voxels (the template ->
-    subject map of a nonlinear registration, e.g. ANTs SyN composed with its affine). The Jacobian
+    subject map of a nonlinear registration, e.g. ANTs SyN composed with its affine; --output-spaces registers
+    affinely and does not use it yet). The Jacobian
     J = d(subject)/d(template) is taken by central differences; each tensor is rotated by the rotation
     part of J (finite strain: ``D_t = R^T D_s R``, R from the SVD of J), as ANTs' ReorientTensorImage does.
     """
