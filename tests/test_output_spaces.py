@@ -206,3 +206,16 @@ def test_a_nonlinear_twist_is_undone_voxel_by_voxel():
     # one global rotation (the twist's mean, zero) leaves the directions turned
     unturned = angle_deg(principal(subject)[inner], direction(t)[inner])
     assert np.median(unturned) > 5
+
+
+def test_a_template_missing_offline_is_one_exit_66_line(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from bssfp2dt.errors import MissingInputError
+
+    monkeypatch.delenv("TEMPLATEFLOW_HOME", raising=False)
+    config = SimpleNamespace(model=SimpleNamespace(output_spaces=("T1w", "NoSuchTemplate")),
+                             paths=SimpleNamespace(work_dir=tmp_path))
+    with pytest.raises(MissingInputError) as error:
+        normalize.prepare_templates(config)
+    assert error.value.exit_code == 66 and "MNI152NLin2009aSym" in error.value.message

@@ -86,6 +86,9 @@ def run_participant(plan) -> int:
     configure_cpu_threads(config.resources.omp_nthreads)
     device = resolve_device(config.resources.device)
     model = load_model(config.selection.input_modality, config.model.model, device)
+    from bssfp2dt.spaces.normalize import prepare_templates
+
+    prepare_templates(config)  # --output-spaces: a template missing offline stops here, before any subject
     if not (config.paths.output_dir / "dataset_description.json").is_file():
         initialise_dataset(config.paths.output_dir, config.paths.bids_dir)
     succeeded, failed = [], []

@@ -204,6 +204,14 @@ def tensor_through_field(tensor: np.ndarray, affine: np.ndarray, points: np.ndar
     return out.reshape(points.shape[:3] + (6,))
 
 
+def prepare_templates(config) -> list[Path]:
+    """Obtain every ``--output-spaces`` template before any subject runs (one exit-66 line if one is missing)."""
+    from bssfp2dt.spaces.templates import NATIVE_SPACE, parse_space, template_file
+
+    return [template_file(parse_space(space)[0], config.paths.work_dir)
+            for space in getattr(config.model, "output_spaces", ()) if space != NATIVE_SPACE]
+
+
 def write_template_outputs(config, session, raw_session, tensor: np.ndarray, model) -> list[dict[str, Any]]:
     """For every template of ``--output-spaces``: normalise, resample, write ``space-<template>`` outputs.
 
