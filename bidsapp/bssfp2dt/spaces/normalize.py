@@ -31,6 +31,7 @@ TRANSFORM_TYPES = {"affine": "Affine", "rigid": "Rigid"}
 STAGES = {"affine": ("Rigid", "Similarity", "Affine"), "rigid": ("Rigid",)}
 ITERATIONS = (100, 100, 50, 25)  # per pyramid level, coarse to fine
 SAMPLING = 0.25  # fraction of voxels the metric samples (ANTs' regular sampling)
+FULL_SAMPLING_VOXELS = 200_000  # smaller grids are sampled fully: cheap, and no sampling jitter
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS (its own inverse)
 _REGISTERED: dict = {}  # (T1w path, template, voxel mm) -> (shape, affine, transform) of the last registration
 
@@ -98,7 +99,8 @@ def register_to_template(t1w: np.ndarray, t1w_affine: np.ndarray, template: np.n
         options = dict(outprefix=str(Path(folder) / "xfm_"), random_seed=seed, aff_metric="mattes",
                        aff_iterations=ITERATIONS[-len(shrink):], aff_shrink_factors=shrink,
                        aff_smoothing_sigmas=tuple(max(f - 1, 0) for f in shrink),
-                       aff_random_sampling_rate=SAMPLING, verbose=False)
+                       aff_random_sampling_rate=SAMPLING if template.size > FULL_SAMPLING_VOXELS else 1.0,
+                       verbose=False)
         # Rigid, then similarity (isotropic scale: heads differ in size), then affine, each from the last
         # (an affine alone from the centres of mass stalls on rotations and scale).
         initial = str(Path(folder) / "initial.mat")
