@@ -132,7 +132,7 @@ def test_images_and_sidecars_hold_what_was_written(written):
     assert dec["OrientationEncoding"] == {"Type": "dec", "EncodingAxis": 3, "Reference": "xyz"}
     units = {p: json.loads(out.sidecar_path(paths.scalar(p)).read_text())["Units"]
              for p in ("fa", "md", "ad", "rd", "inclination", "azimuth")}
-    assert units == {"fa": "arbitrary", "md": "mm^2/s", "ad": "mm^2/s", "rd": "mm^2/s", "inclination": "deg",
+    assert units == {"fa": "ratio", "md": "mm^2/s", "ad": "mm^2/s", "rd": "mm^2/s", "inclination": "deg",
                      "azimuth": "deg"}
     mask = json.loads(out.sidecar_path(paths.brain_mask).read_text())
     assert mask["Type"] == "Brain" and "SkullStripped" not in mask
@@ -146,6 +146,11 @@ def test_dataset_description_and_bidsignore(written):
     assert description["GeneratedBy"][0] == {"Name": "bssfp2dt", "Version": __version__, "CodeURL": out.CODE_URL}
     assert description["DatasetLinks"] == {"raw": raw.resolve().as_uri()}
     assert "SourceDatasets" not in description  # the raw dataset has no DOI
+    assert "CITATION.md" in description["HowToAcknowledge"] and description["License"] == "CC0"  # the raw one
+    bare = raw.parent / "bare"
+    bare.mkdir(exist_ok=True)
+    (bare / "dataset_description.json").write_text(json.dumps({"Name": "x", "BIDSVersion": "1.10.0"}))
+    assert "declares none" in out.dataset_description(bare)["License"]
     ignored = (output / ".bidsignore").read_text().splitlines()
     assert {"*_dwimap.*", "*.html", "figures/", "logs/", "log/"} <= set(ignored)
 

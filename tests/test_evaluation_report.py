@@ -136,7 +136,7 @@ def test_participant_html_is_offline_and_has_every_figure(evaluated):
     assert result.report == root / "sub-01.html"
     images = check_offline_html(result.report)
     assert {path.stem.rsplit("_", 1)[1] for path in images} == FIGURES
-    assert all(path.parent == root / "figures" for path in images)
+    assert all(path.parent == root / "sub-01" / "figures" for path in images)
     text = result.report.read_text()
     assert "not computed: no MedicalNet ResNet-10 weights" in text
 
@@ -157,7 +157,7 @@ def test_second_session_pair_from_nifti_paths_is_added_to_the_same_report(tmp_pa
                                   EvaluationEntities("02", None, "2", "t1w"), tmp_path / "out")
     np.testing.assert_allclose(nib.load(result.error_maps["md"]).affine, affine)
     text = result.report.read_text()
-    assert text.count("<h2>") == 2 and "DWI reference (ses-1)" in text and "DWI reference (ses-2)" in text
+    assert text.count("<h3>") == 2 and "DWI reference (ses-1)" in text and "DWI reference (ses-2)" in text
     assert len(check_offline_html(result.report)) == 2 * len(FIGURES)
     frame = read_table(result.table)
     assert set(frame["tissue"]) == {"CSF", "GM", "WM", "brain"}

@@ -50,7 +50,7 @@ def test_provenance_records_registrations_and_skipped_fsl(preprocessed_run):
     steps = {step["step"]: step for step in record["steps"]}
     assert set(steps) >= {"t1w_to_grid", "tissue_maps", "prepare_bssfp", "register_bssfp_to_t1w",
                           "bssfp_to_grid", "preprocess_dwi", "register_dwi_to_t1w", "tensor_to_grid"}
-    assert steps["preprocess_dwi"]["topup_eddy"] == "skipped: FSL not found"
+    assert steps["preprocess_dwi"]["topup_eddy"].startswith("skipped: FSL not found")
     assert steps["preprocess_dwi"]["motion_correction"] == "skipped: disabled"
     assert np.asarray(steps["register_bssfp_to_t1w"]["transform"]).shape == (4, 4)
     assert record["normalised"] is False

@@ -214,7 +214,7 @@ def chain(tmp_path_factory):
     out, work, marker = root / "out", root / "work", root / "predicting"
     nodes = work / workflow_name("01")
     watch = FinalNameWatch(out, work)
-    figures = out / "figures"
+    figures = out / "sub-01" / "figures"
     kill_points = {
         "preprocessing": lambda: any((nodes / "bssfp_register_ses1").glob("_0x*_unfinished.json")),
         "prediction": marker.exists,

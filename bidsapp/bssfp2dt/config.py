@@ -90,6 +90,7 @@ class ModelSettings:
     patch_size: int | None = None
     batch_size: int = 1
     write_preproc: bool = False
+    output_spaces: tuple[str, ...] = ("T1w",)
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ class RunSettings:
     stop_on_first_crash: bool = False
     dry_run: bool = False
     verbosity: int = 0
+    reports_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -247,7 +249,8 @@ def config_from_args(args: argparse.Namespace, run_uuid: str,
             bids_queries=json.dumps(queries, sort_keys=True)),
         resources=ResourceSettings(nprocs=nprocs, omp_nthreads=omp_nthreads, mem_mb=args.mem, device=args.device),
         model=ModelSettings(model=_existing_file(args.model, "--model"), model_size=args.model_size,
-                            patch_size=args.patch_size, batch_size=args.batch_size, write_preproc=args.write_preproc),
+                            patch_size=args.patch_size, batch_size=args.batch_size, write_preproc=args.write_preproc,
+                            output_spaces=output_spaces(getattr(args, "output_spaces", None))),
         training=TrainingSettings(stage=args.train_stage,
                                   init_checkpoint=_existing_file(args.init_checkpoint, "--init-checkpoint"),
                                   max_epochs=args.max_epochs, seed=args.seed,
@@ -258,10 +261,17 @@ def config_from_args(args: argparse.Namespace, run_uuid: str,
                                   perceptual_weights=_existing_file(args.perceptual_weights, "--perceptual-weights")),
         run=RunSettings(run_uuid=run_uuid, skip_bids_validation=args.skip_bids_validation,
                         stop_on_first_crash=args.stop_on_first_crash, dry_run=args.dry_run,
-                        verbosity=args.verbose),
+                        verbosity=args.verbose, reports_only=getattr(args, "reports_only", False)),
         preprocessing=PreprocessingOptions(unringing_method=args.unringing_method, hmc_model=args.hmc_model,
                                            registration_backend=args.registration_backend),
     )
+
+
+def output_spaces(values) -> tuple[str, ...]:
+    """``--output-spaces`` values (TemplateFlow names), T1w always first; unknown names are exit 64."""
+    from bssfp2dt.spaces.templates import check_output_spaces
+
+    return check_output_spaces(values or ("T1w",))
 
 
 def participant_labels(values: tuple[str, ...] | list[str]) -> tuple[str, ...]:

@@ -192,6 +192,10 @@ def build_parser() -> BidsAppArgumentParser:
                        help="patches per batch (default: %(default)s)")
     model.add_argument("--write-preproc", "--write_preproc", dest="write_preproc", action="store_true",
                        help="also write the preprocessed network inputs")
+    model.add_argument("--output-spaces", "--output_spaces", dest="output_spaces", nargs="+", metavar="SPACE",
+                       help="spaces of the outputs: T1w (always written) and TemplateFlow templates, e.g. "
+                            "MNI152NLin2009cAsym (tensor resampled with reorientation; templates offline: see "
+                            "README) (default: T1w)")
 
     preprocessing = parser.add_argument_group("Preprocessing")
     preprocessing.add_argument("--unringing-method", "--unringing_method", dest="unringing_method",
@@ -245,6 +249,9 @@ def build_parser() -> BidsAppArgumentParser:
                      action="store_true", help="abort at the first failing subject instead of continuing")
     run.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                      help="validate, discover and print the per-subject inputs; write nothing")
+    run.add_argument("--reports-only", "--reports_only", dest="reports_only", action="store_true",
+                     help="only rebuild the participant reports (sub-<label>.html) and logs/CITATION.md from the "
+                          "existing outputs")
     return parser
 
 

@@ -9,8 +9,9 @@ reference tensor (one subject, input session, DWI session and modality). It writ
   ``inclination``/``azimuth``/``v1angle`` in degrees; NaN marks excluded voxels, 0 is outside the mask),
 - the tidy statistics table ``..._errors.tsv`` (:mod:`.statistics`) and its JSON sidecar (column
   descriptions, image metrics, thresholds, the figures' paths),
-- PNG figures in ``figures/`` next to the report ``sub-<label>.html``, which is rebuilt from every
-  table of the subject on disk, so it covers all session pairs however many calls wrote them.
+- PNG figures in ``sub-<label>/figures/``; the report ``sub-<label>.html`` is rebuilt from every table,
+  figure and run record of the subject on disk (:mod:`.subject_report`), so it covers all session pairs
+  however many calls wrote them, and subjects without DWI get one too.
 
 Reports are self-contained for offline viewing: inline CSS, no scripts, images referenced by relative
 paths next to the report.
@@ -53,7 +54,8 @@ h1{border-bottom:2px solid #4c72b0;padding-bottom:.2em}h2{margin-top:2em;color:#
 table{border-collapse:collapse;margin:1em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.25em .6em;
 text-align:right}th{background:#eef2f8}td:first-child,th:first-child{text-align:left}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #ddd}figcaption{font-size:.85em;color:#555}
-.note{background:#fff8e1;border-left:4px solid #f0b400;padding:.5em 1em}.ref{color:#7a4b00}
+.note{background:#fff8e1;border-left:4px solid #f0b400;padding:.5em 1em}.ref{color:#7a4b00}h3{color:#2d4d80}a{color:#2d4d80}
+.text td,.text th{text-align:left}.text table{max-width:100%}
 """
 
 
@@ -248,13 +250,19 @@ def _is_missing(value) -> bool:
 
 # --------------------------------------------------------------------------- participant report
 def write_participant_report(output_dir: Path | str, subject: str) -> Path:
-    """(Re)build ``sub-<subject>.html`` from every error table of the subject under ``output_dir``."""
+    """(Re)build ``sub-<subject>.html`` from what the output folder holds for the subject.
+
+    Sections: summary (inputs found, settings, preprocessing that ran), model (id, sha256, card caveats),
+    input QC (registration, mask and tissue outlines), predicted maps, the evaluation of every error table
+    (only when a DWI reference was evaluated) and the errors (crash files). Works for subjects without DWI.
+    """
+    from bssfp2dt.evaluation.subject_report import report_sections
     from bssfp2dt.io.derivatives import error_table_sidecar_path, find_error_tables, participant_report_path
     from bssfp2dt.io.nifti import write_text
 
     output_dir = Path(output_dir)
     report = participant_report_path(output_dir, subject)
-    sections = []
+    evaluations = []
     for table in find_error_tables(output_dir, subject):
         try:
             frame = read_table(table)
@@ -262,15 +270,24 @@ def write_participant_report(output_dir: Path | str, subject: str) -> Path:
         except (OSError, ValueError) as error:
             logger.warning("%s is skipped in the report: %s", table, error)
             continue
-        sections.append(_pair_section(frame, sidecar, output_dir, report.parent))
-    if not sections:
-        sections.append('<p class="note">No error tables for this subject: no reference tensor was evaluated.</p>')
-    body = f"<h1>bssfp2dt evaluation: sub-{html.escape(subject)}</h1>\n" + "\n".join(sections)
-    return write_text(html_page(f"sub-{subject} evaluation", body), report)
+        evaluations.append(_pair_section(frame, sidecar, output_dir, report.parent))
+    sections = report_sections(output_dir, subject, report.parent)
+    evaluation = ('<h2 id="evaluation">Evaluation against the DWI tensor</h2>\n' + "\n".join(evaluations)
+                  if evaluations else
+                  '<h2 id="evaluation">Evaluation</h2>\n<p class="note">No DWI reference was evaluated for this '
+                  "subject (no DWI session, or none on the prediction's grid): the predicted maps are shown "
+                  "without errors.</p>")
+    links = " | ".join(f'<a href="#{anchor}">{title}</a>' for anchor, title in (
+        ("summary", "Summary"), ("model", "Model"), ("qc", "Input QC"), ("maps", "Predicted maps"),
+        ("evaluation", "Evaluation"), ("errors", "Errors")))
+    body = (f"<h1>bssfp2dt: sub-{html.escape(subject)}</h1>\n<p>{links}</p>\n"
+            + "\n".join([sections["summary"], sections["model"], sections["qc"], sections["maps"], evaluation,
+                          sections["errors"]]))
+    return write_text(html_page(f"sub-{subject} report", body), report)
 
 
 def _pair_section(frame, sidecar: Mapping, output_dir: Path, report_dir: Path) -> str:
-    parts = [f"<h2>{html.escape(_pair_label(sidecar['Entities']))}</h2>"]
+    parts = [f"<h3>{html.escape(_pair_label(sidecar['Entities']))}</h3>"]
     metrics = sidecar.get("ImageMetrics", {})
     reasons = metrics.get("NotComputed", {})
     parts.append(html_table(["image metric", "value"], [

@@ -25,14 +25,30 @@ from bssfp2dt.io.nifti import save_nifti, write_json, write_text
 logger = logging.getLogger(__name__)
 
 PIPELINE_NAME = "bssfp2dt"
-CODE_URL = "https://github.com/bssfp2dt/bssfp2dt"
+def _code_url(default: str = "https://github.com/bssfp2dt/bssfp2dt") -> str:
+    """The ``Source`` URL of the installed package's metadata (``[project.urls]`` in pyproject.toml: one place)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, metadata
+
+        for entry in metadata("bssfp2dt").get_all("Project-URL") or []:
+            label, _, url = entry.partition(",")
+            if label.strip().lower() == "source" and url.strip():
+                return url.strip()
+    except (ImportError, PackageNotFoundError):
+        pass
+    return default
+
+
+CODE_URL = _code_url()
+HOW_TO_ACKNOWLEDGE = ("Please cite bssfp2dt with its version (GeneratedBy) and include the methods text of "
+                      "logs/CITATION.md, with its references (logs/CITATION.bib), in the Methods section.")
 BIDS_VERSION = "1.10.0"
 RAW_DATASET_KEY = "raw"  # BIDS URIs of inputs read "bids:raw:sub-01/..."
 SPACE = "T1w"
 # --input-modality value -> alphanumeric desc label of the outputs.
 MODALITY_DESC = {"pc-bssfp": "pcbssfp", "bssfp": "bssfp", "t1w": "t1w", "dwi-tensor": "dwi"}
 TENSOR_COMPONENT_ORDER = ("D11", "D12", "D13", "D22", "D23", "D33")  # BEP016 volume order
-SCALAR_UNITS = {"fa": "arbitrary", "md": "mm^2/s", "ad": "mm^2/s", "rd": "mm^2/s",
+SCALAR_UNITS = {"fa": "ratio", "md": "mm^2/s", "ad": "mm^2/s", "rd": "mm^2/s",
                 "inclination": "deg", "azimuth": "deg"}
 SCALAR_DESCRIPTIONS = {
     "fa": "fractional anisotropy (dimensionless, 0..1)",
@@ -45,7 +61,7 @@ SCALAR_DESCRIPTIONS = {
 # bids-validator-deno 3.x ignores no folder for a pattern with a trailing slash ("figures/"); the bare
 # name ("figures") matches the folder at any depth, so the evaluation's folders are listed both ways.
 BIDSIGNORE_LINES = ("*_dwimap.*", "*.html", "*_errors.tsv", "*_errors.json", "figures/", "figures", "logs/", "log/",
-                    "logs", "log", "models/", "models",
+                    "sub-*/figures/**", "logs", "log", "models/", "models",
                     "group/", "group")
 README_TEXT = (
     f"# {PIPELINE_NAME} derivatives\n\nDiffusion tensor (BEP016 draft naming, `*_dwimap.nii.gz`), FA, MD, AD, RD, "
@@ -92,16 +108,18 @@ def modality_desc(input_modality: str) -> str:
         raise ValueError(f"unknown input modality {input_modality!r}") from None
 
 
-def tensor_map_paths(subject: str, session: str | None, modality: str, root: Path | str = ".") -> OutputPaths:
+def tensor_map_paths(subject: str, session: str | None, modality: str, root: Path | str = ".",
+                     space: str = SPACE) -> OutputPaths:
     """Paths of every output of the naming table under ``root`` (relative when root is ``'.'``).
 
-    ``modality`` is an ``--input-modality`` value (``pc-bssfp``) or its desc label (``pcbssfp``).
+    ``modality`` is an ``--input-modality`` value (``pc-bssfp``) or its desc label (``pcbssfp``);
+    ``space``: ``T1w`` or a template name (``--output-spaces``).
     """
     desc = MODALITY_DESC.get(modality, modality)
     if desc not in MODALITY_DESC.values():
         raise ValueError(f"unknown input modality {modality!r}")
     root = Path(root)
-    common = {"subject": subject, "session": session, "space": SPACE}
+    common = {"subject": subject, "session": session, "space": space}
 
     def dwimap(param: str, description: str = desc) -> Path:
         return bids_path(root, "dwi", "dwimap", description=description, model="tensor", param=param, **common)
@@ -213,6 +231,9 @@ def dataset_description(bids_dir: Path, environ: Mapping[str, str] | None = None
         "BIDSVersion": BIDS_VERSION,
         "DatasetType": "derivative",
         "GeneratedBy": [generated_by],
+        # Derivatives carry the terms of the data they come from; the code's own licence is in GeneratedBy's CodeURL.
+        "License": str(raw.get("License") or "the source dataset's licence (it declares none)"),
+        "HowToAcknowledge": HOW_TO_ACKNOWLEDGE,
     }
     doi = raw.get("DatasetDOI")
     if doi:
@@ -256,8 +277,11 @@ def initialise_dataset(output_dir: Path, bids_dir: Path) -> None:
 
 # --------------------------------------------------------------------------- sidecars
 def _common(sources: Iterable[str], spatial_reference: str, skull_stripped: bool | None) -> dict[str, Any]:
-    # space-T1w is not a standard template, so BIDS requires SpatialReference (a BIDS URI of the T1w).
-    sidecar: dict[str, Any] = {"Sources": list(sources), "SpatialReference": spatial_reference}
+    # space-T1w is not a standard template, so BIDS requires SpatialReference (a BIDS URI of the T1w);
+    # a standard template (space-MNI152NLin2009aSym) needs none, and "" leaves it out.
+    sidecar: dict[str, Any] = {"Sources": list(sources)}
+    if spatial_reference:
+        sidecar["SpatialReference"] = spatial_reference
     if skull_stripped is not None:
         sidecar["SkullStripped"] = skull_stripped
     return sidecar
@@ -419,12 +443,12 @@ def participant_report_path(output_dir: Path | str, subject: str) -> Path:
 
 def participant_figure_path(output_dir: Path | str, subject: str, session: str | None, modality: str,
                             reference_session: str | None, figure: str) -> Path:
-    """``output_dir/figures/sub-<s>[_ses-<i>]_desc-<modality>error[ref<r>]_<figure>.png``, next to ``sub-<s>.html``
-    (``figure`` alphanumeric, e.g. ``D11``, ``errormaps``). The BIDS validator 3.x applies the ``figures/``
-    line of ``.bidsignore`` at the dataset root only, so a ``sub-<s>/figures/`` folder would be an error."""
+    """``output_dir/sub-<s>/figures/sub-<s>[_ses-<i>]_desc-<modality>error[ref<r>]_<figure>.png`` (``figure``
+    alphanumeric, e.g. ``D11``, ``errormaps``): fMRIPrep's place, so one subject's folder is self-contained.
+    ``.bidsignore`` lists ``sub-*/figures/**`` for the BIDS validator 3.x."""
     name = bids_filename(figure, ".png", subject=subject, session=session,
                          description=evaluation_desc(modality, reference_session))
-    return Path(output_dir) / FIGURES_FOLDER / name
+    return Path(output_dir) / f"sub-{subject}" / FIGURES_FOLDER / name
 
 
 def group_errors_path(output_dir: Path | str) -> Path:

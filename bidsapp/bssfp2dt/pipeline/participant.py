@@ -10,7 +10,9 @@ session that has the model's input modality:
 4. denormalisation to mm^2/s, zero outside the brain mask, FA/MD/AD/RD/colour-FA/angles;
 5. every file of the naming table with sidecars naming the model (id, version, sha256);
 6. when the subject has a reference tensor (any DWI session): the evaluation of every
-   (input session, DWI session) pair on the same grid.
+   (input session, DWI session) pair on the same grid;
+7. for every subject, with or without DWI: QC figures, the report ``sub-<label>.html``
+   (:mod:`bssfp2dt.pipeline.reporting`); after all subjects, ``logs/CITATION.md``.
 
 The model is loaded once, before any subject, so a missing or damaged checkpoint is one exit-66 line.
 Each failed subject leaves a crash file in ``sub-<label>/log/<run_uuid>/``; once every subject has run,
@@ -74,17 +76,21 @@ class LoadedModel:
 
 # --------------------------------------------------------------------------- entry point
 def check_participant(plan) -> dict[str, Any]:
-    """Resolve the device and load the model: the checks that must pass before anything is written.
-
-    Returns the keyword arguments of :func:`run_participant` (``device``, ``model``).
+    """Resolve the device, load the model and prepare the template spaces: the checks that must pass before
+    anything is written. Returns the keyword arguments of :func:`run_participant` (``device``, ``model``);
+    nothing for ``--reports-only``, which needs neither.
     """
     from bssfp2dt.inference.device import configure_cpu_threads, resolve_device
+    from bssfp2dt.spaces.normalize import prepare_templates
 
     config = plan.config
+    if config.run.reports_only:
+        return {}
     configure_cpu_threads(config.resources.omp_nthreads)
     device = resolve_device(config.resources.device)
     model = load_model(config.selection.input_modality, config.model.model, device)
     inference_patch_size(config, model)  # a patch the model cannot take stops the run before anything is written
+    prepare_templates(config)  # --output-spaces: a template missing offline stops here, before any subject
     return {"device": device, "model": model}
 
 
@@ -94,10 +100,13 @@ def run_participant(plan, device=None, model: LoadedModel | None = None) -> int:
     ``device`` and ``model`` come from :func:`check_participant` (run here when not given).
     """
     from bssfp2dt.io.derivatives import initialise_dataset
+    from bssfp2dt.pipeline import reporting
     from bssfp2dt.pipeline.completion import mark_complete, mark_started
     from bssfp2dt.pipeline.outcome import exit_status
 
     config = plan.config
+    if config.run.reports_only:  # rebuild sub-<label>.html and logs/CITATION.md from the output folder alone
+        return reporting.rebuild_reports(config, [subject.subject for subject in plan.subjects])
     if model is None or device is None:
         prepared = check_participant(plan)
         device, model = prepared["device"], prepared["model"]
@@ -117,6 +126,7 @@ def run_participant(plan, device=None, model: LoadedModel | None = None) -> int:
             errors[label] = error
             _mark_failed(config, label, error)
             crash = write_crash_file(config, label, error)
+            reporting.report_failed_subject(config, label)
             logger.error("sub-%s failed after %.1f s: %s (crash file %s)", label, time.perf_counter() - started,
                          getattr(error, "message", None) or f"{type(error).__name__}: {error}", crash)
             if config.run.stop_on_first_crash:
@@ -125,6 +135,7 @@ def run_participant(plan, device=None, model: LoadedModel | None = None) -> int:
         else:
             succeeded.append(label)
             logger.info("sub-%s finished in %.1f s", label, time.perf_counter() - started)
+    reporting._guarded("logs/CITATION.md", reporting.write_citation, config)
     not_run = [s.subject for s in plan.subjects if s.subject not in succeeded and s.subject not in failed]
     logger.info("participant level: %d subject(s) succeeded%s, %d failed%s%s", len(succeeded),
                 f" ({', '.join(succeeded)})" if succeeded else "", len(failed),
@@ -187,6 +198,7 @@ def process_subject(plan, subject_inputs, model: LoadedModel, device) -> list[Pa
     """Preprocess, predict, write and evaluate one subject; return the written prediction images."""
     from bssfp2dt.io.content_checks import check_registered_bssfp
     from bssfp2dt.preprocessing.workflow import run_preprocessing
+    from bssfp2dt.spaces.normalize import write_template_outputs
 
     config = plan.config
     label = subject_inputs.subject
@@ -196,6 +208,7 @@ def process_subject(plan, subject_inputs, model: LoadedModel, device) -> list[Pa
     logger.info("sub-%s: preprocessing done in %.1f s", label, time.perf_counter() - started)
     raw_sessions = {session.session: session for session in subject_inputs.sessions}
     predictions: dict[str | None, tuple[np.ndarray, Path]] = {}
+    template_steps: dict[str | None, list] = {}
     written: list[Path] = []
     for session in preprocessed.sessions:
         if not _has_input(session, model.modality):
@@ -206,10 +219,15 @@ def process_subject(plan, subject_inputs, model: LoadedModel, device) -> list[Pa
         tensor, files = predict_session(config, session, raw_sessions[session.session], model, device)
         predictions[session.session] = (tensor, files.diffusivity)
         written.extend(files.all())
+        template_steps[session.session] = write_template_outputs(config, session, raw_sessions[session.session],
+                                                                 tensor, model)  # --output-spaces
     if not predictions:
         raise MissingInputError(f"sub-{label}: no session has a preprocessed {model.modality} input; check the "
                                 "inputs with --dry-run")
     evaluate_subject(config, preprocessed, raw_sessions, predictions, model)
+    from bssfp2dt.pipeline.reporting import report_subject
+
+    report_subject(plan, subject_inputs, preprocessed, model, template_steps)  # every subject, with or without DWI
     return written
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -33,7 +32,6 @@ from bssfp2dt.preprocessing.registration import RegistrationSettings
 logger = logging.getLogger(__name__)
 
 #: fslpy import name and the FSL binaries TOPUP/eddy need.
-FSL_BINARIES = ("topup", "applytopup", "eddy")
 #: Linear interpolation of a binary mask is cut here to get a mask on another grid.
 MASK_THRESHOLD = 0.5
 
@@ -374,20 +372,19 @@ def bssfp_to_grid(complex_path: str, transform_json: str, t1w_grid: str, mask_gr
 
 # --------------------------------------------------------------------------- DWI
 def fsl_available() -> bool:
-    """Whether fslpy imports and the TOPUP/eddy binaries are on PATH."""
-    try:
-        import fsl.wrappers  # noqa: F401  (fslpy)
-    except ImportError:
-        return False
-    return all(shutil.which(binary) for binary in FSL_BINARIES)
+    """Whether FSL's topup and eddy can run (``FSLDIR`` set, binaries in ``$FSLDIR/bin``, fslpy installed)."""
+    from bssfp2dt.preprocessing.fsl import fsl_status
+
+    return fsl_status("reverse-PE b0 not checked here") is None
 
 
 def preprocess_dwi(dwi: str, bval: str, bvec: str, settings: Mapping[str, Any],
-                   out_dir: str = ".") -> tuple[str, str, str, str, dict]:
-    """Gibbs -> (denoise) -> motion correction with b-vector rotation -> mask, on the native DWI grid.
+                   out_dir: str = ".", reverse_pe_b0: str | None = None) -> tuple[str, str, str, str, dict]:
+    """(topup + eddy) -> Gibbs -> (denoise) -> motion correction with b-vector rotation -> mask, native grid.
 
-    TOPUP/eddy (FSL, through fslpy) need FSL binaries; without them the step records
-    ``"skipped: FSL not found"``.
+    topup/eddy (:mod:`bssfp2dt.preprocessing.fsl`, through fslpy) run when ``FSLDIR`` holds them and a
+    reverse-PE b0 exists; eddy then also corrects head motion. Otherwise the step records
+    ``"skipped: <why>"`` (e.g. ``"skipped: FSL not found (FSLDIR is not set)"``).
 
     Returns:
         (corrected DWI float32 ``(X, Y, Z, N)`` path, rotated ``.bvec`` path (3 rows, voxel axes),
@@ -402,18 +399,26 @@ def preprocess_dwi(dwi: str, bval: str, bvec: str, settings: Mapping[str, Any],
     data = np.asarray(data, dtype=np.float64)
     bvals, bvecs = dwi_steps.read_bvals_bvecs(bval, bvec)
     provenance: dict[str, Any] = {}
-    if fsl_available():
-        # fslpy is not a dependency of this build; when present the FSL steps belong here.
-        provenance["topup_eddy"] = "skipped: FSL found but the FSL steps are not enabled in this build"
+    eddy_done = False
+    from bssfp2dt.preprocessing import fsl
+
+    reason = fsl.fsl_status(reverse_pe_b0)
+    if reason is None:
+        corrected = fsl.topup_eddy(dwi, bval, bvec, reverse_pe_b0, out_dir)
+        data = np.asarray(_load(str(corrected.dwi))[0], dtype=np.float64)
+        bvals, bvecs = dwi_steps.read_bvals_bvecs(bval, corrected.bvec)
+        provenance["topup_eddy"], eddy_done = corrected.record, True
     else:
-        provenance["topup_eddy"] = "skipped: FSL not found"
+        provenance["topup_eddy"] = f"skipped: {reason}"
     if options.gibbs:
         data = dwi_steps.remove_gibbs(data, num_processes=options.omp_nthreads, method=options.unringing)
     provenance["gibbs"] = _gibbs_record(options, "every volume")
     mask = dwi_steps.brain_mask(data, bvals)
     data = dwi_steps.denoise(data, bvals, options.denoise, mask=mask)
     provenance["denoise"] = options.denoise if options.denoise != "none" else "skipped: not requested"
-    if options.motion_correction:
+    if options.motion_correction and eddy_done:
+        provenance["motion_correction"] = "done by eddy"
+    elif options.motion_correction:
         corrected = dwi_steps.motion_correct(data, affine, bvals, bvecs, mask=mask,
                                              settings=options.motion_registration, n_procs=_nprocs())
         data, bvecs = corrected.dwi, corrected.bvecs

@@ -114,9 +114,9 @@ def _bssfp_grid_node(complex_path, transform_json, t1w_grid, mask_grid, settings
     return bssfp_to_grid(complex_path, transform_json, t1w_grid, mask_grid, settings)
 
 
-def _dwi_prepare_node(dwi, bval, bvec, settings):
+def _dwi_prepare_node(dwi, bval, bvec, settings, reverse_pe_b0=None):
     from bssfp2dt.preprocessing.pipeline import preprocess_dwi
-    return preprocess_dwi(dwi, bval, bvec, settings)
+    return preprocess_dwi(dwi, bval, bvec, settings, reverse_pe_b0=reverse_pe_b0)
 
 
 def _tensor_fit_node(dwi, bval, bvec, mask):
@@ -280,7 +280,8 @@ def _bssfp_branch(workflow, session, tag: str, options: dict, grid, collector):
 def _dwi_branch(workflow, session, tag: str, options: dict, grid, collector):
     dwi = session.dwi
     prepare = _function_node(_dwi_prepare_node, {"dwi": str(dwi.image), "bval": str(dwi.bval), "bvec": str(dwi.bvec),
-                                                 "settings": options},
+                                                 "settings": options, "reverse_pe_b0": (
+                                                     str(dwi.reverse_pe_b0) if dwi.reverse_pe_b0 else None)},
                              ["dwi", "bvec", "mask", "mean_b0", "provenance"], f"dwi_prepare_ses{tag}",
                              mem_gb=memory_estimate_gb(dwi.image, 8, 5))  # float64 series, corrected copy
     fit = _function_node(_tensor_fit_node, {"dwi": _CONNECTED, "bval": str(dwi.bval), "bvec": _CONNECTED,

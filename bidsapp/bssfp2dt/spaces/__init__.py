@@ -1,0 +1,1 @@
+"""Output spaces: TemplateFlow templates (offline-seeded) and the normalisation of the outputs to them."""
