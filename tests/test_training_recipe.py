@@ -257,3 +257,25 @@ def test_anatomy_baseline_runs_along_a_white_matter_tube():
     assert np.median(angles) < 10
     np.testing.assert_allclose(maps["fa"][inside], 0.6, rtol=1e-6)
     assert np.all(prediction[csf > 0.9] == means[0])
+
+
+def test_deviatoric_cosine_of_two_cylinders_is_the_second_legendre_polynomial_of_their_angle():
+    from bssfp2dt.training.losses import deviatoric_cosine
+
+    reference = _log_volume(cylinder((1, 0, 0)))
+    for degrees in (0.0, 30.0, 54.7356, 90.0):
+        angle = np.radians(degrees)
+        turned = _log_volume(cylinder((np.cos(angle), np.sin(angle), 0)))
+        expected = (3 * np.cos(angle) ** 2 - 1) / 2
+        assert float(deviatoric_cosine(turned, reference).mean()) == pytest.approx(expected, abs=1e-5)
+
+
+def test_the_direction_term_ranks_orientations_and_ignores_the_amount_of_anisotropy():
+    target = _log_volume(cylinder((0, 0, 1)))
+    ones = torch.ones(1, 1, 2, 2, 2)
+    loss = TensorLoss()
+    weak_but_right = loss(_log_volume(cylinder((0, 0, 1), axial=0.9e-3, radial=0.6e-3)), target, ones, ones)
+    tilted = loss(_log_volume(cylinder((0, 1, 2))), target, ones, ones)
+    crossed = loss(_log_volume(cylinder((1, 0, 0))), target, ones, ones)
+    assert float(weak_but_right["direction"]) == pytest.approx(0.0, abs=1e-5)
+    assert 0.0 < float(tilted["direction"]) < float(crossed["direction"])

@@ -121,10 +121,11 @@ class InputHead(nn.Module):
 class StructureTensorFeatures(nn.Module):
     """Local orientation of the input's anatomy: structure tensors of learned contrast maps.
 
-    (B, C_in, X, Y, Z) -> (B, M (6 S + 1), X, Y, Z) with M = ``STRUCTURE_MAPS`` and S scales: each of M
+    (B, C_in, X, Y, Z) -> (B, M (6 S + 2), X, Y, Z) with M = ``STRUCTURE_MAPS`` and S scales: each of M
     contrast maps c = tanh(1x1x1 conv of the input) gives gradients g (central differences, per voxel),
     the six components of g g^T smoothed by a Gaussian of each ``scale`` (voxels) and divided by their
-    trace (orientation only, dimensionless), plus log(trace) at the first scale (edge strength).
+    trace (orientation only, dimensionless), plus log(trace) at the first scale (edge strength) and the
+    contrast map itself (tissue: the shortcut can then follow MD from tissue to tissue).
     In white matter the fibre axis mostly runs along the direction in which the tissue varies least,
     which the smallest eigenvector of these tensors gives; a UNet finds that mapping slowly from raw
     intensities, so it is handed over here. Borders are replicate-padded, so a patch's features do not
@@ -136,7 +137,7 @@ class StructureTensorFeatures(nn.Module):
         self.contrast = nn.Conv3d(in_channels, maps, 1)
         self.maps = maps
         self.scales = tuple(float(scale) for scale in scales)
-        self.out_channels = maps * (6 * len(self.scales) + 1)
+        self.out_channels = maps * (6 * len(self.scales) + 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         contrast = torch.tanh(self.contrast(x))
@@ -153,7 +154,7 @@ class StructureTensorFeatures(nn.Module):
             features.append(smoothed / (trace.repeat(1, 6, 1, 1, 1) + 1e-4))
             if index == 0:
                 features.append(torch.log(trace + 1e-4))
-        return torch.cat(features, dim=1)
+        return torch.cat(features + [contrast], dim=1)
 
 
 def smoothing_matrix(size: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
