@@ -25,7 +25,7 @@ def test_positionals_and_defaults():
                                                                      "participant")
     assert args.participant_label is None and args.session_label is None
     assert (args.device, args.input_modality, args.train_stage) == ("auto", "pc-bssfp", None)
-    assert (args.patch_size, args.batch_size, args.max_epochs, args.seed) == (64, 1, 100, 0)
+    assert (args.patch_size, args.batch_size, args.max_epochs, args.seed) == (None, 1, 100, 0)
     assert not any((args.skip_bids_validation, args.write_preproc, args.stop_on_first_crash, args.dry_run))
     assert args.derivatives == [] and args.verbose == 0
 

@@ -60,8 +60,9 @@ def test_descriptor_covers_every_parser_option_with_its_choices_and_defaults():
         if action.nargs == 0:
             assert entry["type"] == "Flag"
     assert inputs["analysis_level"]["value-choices"] == ["participant", "group"]
-    assert inputs["patch_size"] == {**inputs["patch_size"], "type": "Number", "integer": True, "minimum": 1,
-                                    "default-value": 64}
+    # No default: inference takes the model's training patch, training the recipe's.
+    assert inputs["patch_size"] == {**inputs["patch_size"], "type": "Number", "integer": True, "minimum": 1}
+    assert "default-value" not in inputs["patch_size"]
     assert descriptor["container-image"]["image"].endswith(":" + (REPO / "version").read_text().strip())
 
 
