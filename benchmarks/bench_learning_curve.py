@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -113,7 +112,7 @@ def train_curve(args) -> list[dict[str, float]]:
     from bssfp2dt.pipeline.training import generator_options
     from bssfp2dt.training import data
     from bssfp2dt.training.initialisation import initialise_structure_head
-    from bssfp2dt.training.module import Bssfp2dtGAN
+    from bssfp2dt.training.module import Bssfp2dtGAN, learning_rate_factor
     from bssfp2dt.training.recipes import get_recipe
     from bssfp2dt.training.stages import initial_generator, get_stage
 
@@ -152,8 +151,8 @@ def train_curve(args) -> list[dict[str, float]]:
     while time.perf_counter() - started < budget and (args.max_steps is None or step < args.max_steps):
         loader = DataLoader(loaded.train_queue(epoch), batch_size=args.batch_size, collate_fn=data.collate_patches)
         for batch in loader:
-            progress = min(1.0, (time.perf_counter() - started) / budget)
-            factor = min(1.0, (step + 1) / max(1, recipe.warmup_steps)) * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+            progress = min(1.0, (time.perf_counter() - started) / budget)  # the budget is time, not steps
+            factor = learning_rate_factor(step, recipe.warmup_steps, progress, "cosine")
             for group in optimiser.param_groups:
                 group["lr"] = module.learning_rate * factor
             module.regression_step(batch, optimiser, torch.Tensor.backward)

@@ -116,12 +116,8 @@ class Bssfp2dtGAN(L.LightningModule):
     def _step_factor(self, step: int) -> float:
         """Learning-rate factor of batch ``step`` (no discriminator): linear warm-up over the recipe's
         ``warmup_steps``, then constant or a half cosine to ``COSINE_FINAL_FRACTION`` at the last batch."""
-        warmup = min(1.0, (step + 1) / max(1, self.recipe.warmup_steps))
-        if self.lr_schedule == "constant":
-            return warmup
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
-        progress = min(1.0, step / total)
-        return warmup * (COSINE_FINAL_FRACTION + (1 - COSINE_FINAL_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return learning_rate_factor(step, self.recipe.warmup_steps, min(1.0, step / total), self.lr_schedule)
 
     def on_train_epoch_end(self) -> None:
         # Manual optimisation: Lightning leaves the schedulers (one per optimiser) to the module.
@@ -216,6 +212,15 @@ class Bssfp2dtGAN(L.LightningModule):
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed * _SEED_STRIDE + int(self.batches_trained))
             yield
+
+
+def learning_rate_factor(step: int, warmup_steps: int, progress: float, schedule: str) -> float:
+    """Factor on the base rate at batch ``step``: linear warm-up over ``warmup_steps``, then constant or a half
+    cosine down to ``COSINE_FINAL_FRACTION`` at ``progress`` = 1 (the fraction of the run done, 0-1)."""
+    warmup = min(1.0, (step + 1) / max(1, warmup_steps))
+    if schedule == "constant":
+        return warmup
+    return warmup * (COSINE_FINAL_FRACTION + (1 - COSINE_FINAL_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def reconstruction_metrics(prediction: torch.Tensor, target: torch.Tensor, loss: GeneratorLoss,
