@@ -149,6 +149,11 @@ def test_structure_features_find_the_axis_of_a_tube():
     vectors = np.linalg.eigh(six[:, [0, 1, 2, 1, 3, 4, 2, 4, 5]].reshape(-1, 3, 3))[1][:, :, 0]
     angles = np.degrees(np.arccos(np.abs(vectors @ axis).clip(max=1)))
     assert np.median(angles) < 5.0
+    # The dyadic a a^T that follows (channels 6-11) holds the same axis, with unit trace.
+    dyadic = np.moveaxis(out[6:12], 0, -1)[edge]
+    np.testing.assert_allclose(dyadic[:, [0, 3, 5]].sum(-1), 1.0, atol=1e-5)
+    squared_cosine = np.einsum("i,nij,j->n", axis, dyadic[:, [0, 1, 2, 1, 3, 4, 2, 4, 5]].reshape(-1, 3, 3), axis)
+    assert np.median(np.degrees(np.arccos(np.sqrt(squared_cosine.clip(0, 1))))) < 5.0
 
 
 def test_structure_features_are_differentiable_and_learned():

@@ -119,17 +119,21 @@ class InputHead(nn.Module):
 
 
 class StructureTensorFeatures(nn.Module):
-    """Local orientation of the input's anatomy: structure tensors of learned contrast maps.
+    """Local orientation of the input's anatomy: structure tensors of learned contrast maps and their axes.
 
-    (B, C_in, X, Y, Z) -> (B, M (6 S + 2), X, Y, Z) with M = ``STRUCTURE_MAPS`` and S scales: each of M
-    contrast maps c = tanh(1x1x1 conv of the input) gives gradients g (central differences, per voxel),
-    the six components of g g^T smoothed by a Gaussian of each ``scale`` (voxels) and divided by their
-    trace (orientation only, dimensionless), plus log(trace) at the first scale (edge strength) and the
-    contrast map itself (tissue: the shortcut can then follow MD from tissue to tissue).
-    In white matter the fibre axis mostly runs along the direction in which the tissue varies least,
-    which the smallest eigenvector of these tensors gives; a UNet finds that mapping slowly from raw
-    intensities, so it is handed over here. Borders are replicate-padded, so a patch's features do not
-    see an artificial edge. Everything is differentiable, so the contrast maps are learned.
+    (B, C_in, X, Y, Z) -> (B, M (18 S + 2), X, Y, Z) with M = ``STRUCTURE_MAPS`` and S scales: each of M
+    contrast maps c = tanh(1x1x1 conv of the input) gives gradients g (central differences, per voxel) and,
+    per ``scale`` (voxels), the six components of g g^T smoothed by a Gaussian and divided by their trace
+    (orientation only, dimensionless), the dyadic a a^T of their least-varying axis a (smallest eigenvector)
+    and c a a^T; then log(trace) at the first scale (edge strength) and the contrast map itself (tissue: the
+    shortcut can then follow MD from tissue to tissue). Components in BEP016 order, map-minor.
+    In white matter the fibre axis mostly runs along the direction in which the tissue varies least. In
+    log-Euclidean coordinates a cylinder along a is log(l_radial) I + log(l_axial / l_radial) a a^T, linear in
+    a a^T, and c a a^T lets that anisotropy differ between tissues: a 1x1x1 map of these features holds the
+    non-learned anatomy predictor, which a UNet would find only slowly from raw intensities. The axes are
+    computed without gradient (an eigenvector's gradient is unstable where eigenvalues meet); everything
+    else is differentiable, so the contrast maps are learned. Borders are replicate-padded, so a patch's
+    features do not see an artificial edge.
     """
 
     def __init__(self, in_channels: int, scales: tuple[float, ...], maps: int = STRUCTURE_MAPS):
@@ -137,7 +141,7 @@ class StructureTensorFeatures(nn.Module):
         self.contrast = nn.Conv3d(in_channels, maps, 1)
         self.maps = maps
         self.scales = tuple(float(scale) for scale in scales)
-        self.out_channels = maps * (6 * len(self.scales) + 2)
+        self.out_channels = maps * (18 * len(self.scales) + 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         contrast = torch.tanh(self.contrast(x))
@@ -152,9 +156,25 @@ class StructureTensorFeatures(nn.Module):
             smoothed = gaussian_smooth(products, self.scales[index])
             trace = smoothed[:, 0:self.maps] + smoothed[:, 3 * self.maps:4 * self.maps] + smoothed[:, 5 * self.maps:]
             features.append(smoothed / (trace.repeat(1, 6, 1, 1, 1) + 1e-4))
+            dyadic = least_varying_dyadic(smoothed, self.maps)
+            features += [dyadic, contrast.repeat(1, 6, 1, 1, 1) * dyadic]
             if index == 0:
                 features.append(torch.log(trace + 1e-4))
         return torch.cat(features + [contrast], dim=1)
+
+
+def least_varying_dyadic(components: torch.Tensor, maps: int) -> torch.Tensor:
+    """a a^T (B, 6 M, X, Y, Z), BEP016 order, map-minor, of the smallest eigenvector a of each symmetric tensor
+    given by ``components`` (B, 6 M, X, Y, Z) in the same layout; computed without gradient, in float64 (the
+    float32 solver loses accuracy on the near-degenerate tensors of flat regions)."""
+    b, _, x, y, z = components.shape
+    with torch.no_grad():
+        six = components.detach().double().reshape(b, 6, maps, x, y, z).movedim(1, -1)
+        matrix = six[..., [0, 1, 2, 1, 3, 4, 2, 4, 5]].reshape(*six.shape[:-1], 3, 3)
+        axis = torch.linalg.eigh(matrix)[1][..., 0]  # (B, M, X, Y, Z, 3), eigenvalues ascending
+        dyadic = torch.stack([axis[..., i] * axis[..., j] for i, j in ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))],
+                             dim=1)  # (B, 6, M, X, Y, Z)
+    return dyadic.reshape(b, 6 * maps, x, y, z).to(components.dtype)
 
 
 def smoothing_matrix(size: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
