@@ -36,14 +36,27 @@ def cylinder(axis, axial=1.7e-3, radial=0.4e-3) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- target coordinates
-def test_log_tensor_equals_scipy_matrix_logarithm_and_inverts():
+def test_log_tensor_is_the_deviatoric_matrix_logarithm_plus_log_md_and_inverts():
     tensors = random_tensors(50)
     logs = log_tensor(tensors)
     for six, log6 in zip(tensors[:5], logs[:5]):
-        reference = logm(np.array(six)[[0, 1, 2, 1, 3, 4, 2, 4, 5]].reshape(3, 3) / LOG_SCALE)
-        np.testing.assert_allclose(log6, np.real(reference)[ROWS, COLS], atol=1e-10)
-        np.testing.assert_allclose(LOG_SCALE * expm(reference)[ROWS, COLS], exp_tensor(log6), rtol=1e-10)
+        matrix = np.array(six)[[0, 1, 2, 1, 3, 4, 2, 4, 5]].reshape(3, 3)
+        reference = np.real(logm(matrix / LOG_SCALE))
+        reference += (np.log(np.trace(matrix) / 3 / LOG_SCALE) - np.trace(reference) / 3) * np.eye(3)
+        np.testing.assert_allclose(log6, reference[ROWS, COLS], atol=1e-10)
+        # The inverse: the shape expm(deviatoric) scaled so that the mean eigenvalue is exp(tr / 3).
+        shape = expm(reference - np.trace(reference) / 3 * np.eye(3))
+        expected = LOG_SCALE * np.exp(np.trace(reference) / 3) * shape / (np.trace(shape) / 3)
+        np.testing.assert_allclose(expected[ROWS, COLS], exp_tensor(log6), rtol=1e-10)
     np.testing.assert_allclose(exp_tensor(logs), tensors, rtol=1e-9, atol=1e-15)
+
+
+def test_log_coordinates_hold_md_on_the_trace_whatever_the_anisotropy():
+    """An isotropic guess with the right trace has the right MD: hedging the shape does not bias MD."""
+    logs = log_tensor(cylinder((0, 0, 1))[None])[0]
+    trace = logs[[0, 3, 5]].sum()
+    isotropic = exp_tensor(np.array([trace / 3, 0, 0, trace / 3, 0, trace / 3]))
+    np.testing.assert_allclose(isotropic[[0, 3, 5]].mean(), cylinder((0, 0, 1))[[0, 3, 5]].mean(), rtol=1e-12)
 
 
 def test_log_coordinates_keep_zero_outside_the_brain_and_map_the_scale_tensor_to_zero():

@@ -306,7 +306,9 @@ def _eigen_maps(log6: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.T
     """FA (N,), MD (N,) in mm^2/s and V1 (N, 3) of log-tensors (N, 6) (float64 eigen-decomposition)."""
     matrix = log6.to(torch.float64)[:, [0, 1, 2, 1, 3, 4, 2, 4, 5]].reshape(-1, 3, 3)
     values, vectors = torch.linalg.eigh(matrix)  # ascending
-    diffusivities = scale * torch.exp(values.clamp(-30, 30))
+    level = values.mean(dim=-1, keepdim=True)  # log(MD / scale) (dti.logeuclid)
+    shape = torch.exp((values - level).clamp(-30, 30))
+    diffusivities = scale * torch.exp(level.clamp(-30, 30)) * shape / shape.mean(dim=-1, keepdim=True)
     md = diffusivities.mean(dim=-1)
     fa = torch.sqrt(1.5 * ((diffusivities - md[:, None]) ** 2).sum(-1) / (diffusivities ** 2).sum(-1).clamp_min(1e-30))
     return fa, md, vectors[:, :, -1]
