@@ -5,9 +5,10 @@ white-matter fibres mostly run along the axis in which the tissue varies least. 
 training volumes give the network that guess at step 0, and training then spends its steps on what the
 guess misses (tract context, the subject's MD):
 
-1. contrast maps: the head's 1x1x1 contrast convolution is fitted (least squares, brain voxels) so that its
-   maps approximate s (2 p - 1) of the white-matter probability p through tanh, map k with a softer s than map
-   k - 1, so the structure tensors see the white-matter boundary instead of a random mix of channels;
+1. contrast maps: the head's small contrast network (3x3x3 conv, tanh, 1x1x1 conv) is fitted (Adam on the
+   3x3x3 neighbourhoods of brain voxels, mean squared error) so that its maps approximate s (2 p - 1) of the
+   white-matter probability p through tanh, map k with a softer s than map k - 1, so the structure tensors
+   see the white-matter boundary instead of a random mix of channels;
 2. shortcut: the zero-initialised 1x1x1 map from the structure features to the output is fitted (weighted
    least squares, white matter x3 as in the loss, ridge 1e-3) to the training targets minus their mean;
 3. the backbone's last convolution starts at zero weights (its bias holds the mean target), so the first
@@ -29,7 +30,12 @@ logger = logging.getLogger(__name__)
 
 MAX_VOXELS = 200_000  # per fit: a seeded subsample of the brain voxels keeps the normal equations small
 RIDGE = 1e-3
-CONTRAST_SHRINK = 0.9  # targets 0.9 (2 p - 1) keep atanh finite
+CONTRAST_SHRINK = 0.9  # targets 0.9 (2 p - 1), inside tanh's range
+CONTRAST_VOXELS = 40_000  # neighbourhoods in the contrast network's fit
+CONTRAST_STEPS = 400
+CONTRAST_RATE = 3e-3
+IDENTITY6 = np.array([1.0, 0, 0, 1, 0, 1])
+FROBENIUS6 = np.array([1.0, 2, 2, 1, 2, 1])
 
 
 def _least_squares(design: np.ndarray, target: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
@@ -54,6 +60,61 @@ def _voxels(volumes: Sequence[dict[str, torch.Tensor]], rng: np.random.Generator
     return chosen
 
 
+def _neighbourhoods(volume: torch.Tensor, index: np.ndarray) -> torch.Tensor:
+    """(N, C, 3, 3, 3) neighbourhoods of the flat voxel ``index`` (N,) of ``volume`` (C, X, Y, Z), replicate
+    borders (as the contrast network's padding)."""
+    padded = torch.nn.functional.pad(volume[None], (1, 1, 1, 1, 1, 1), mode="replicate")[0]
+    x, y, z = np.unravel_index(index, volume.shape[1:])
+    offsets = np.arange(3)
+    grid = np.ix_(np.arange(len(index)), offsets, offsets, offsets)
+    return padded[:, x[grid[0]] + grid[1], y[grid[0]] + grid[2], z[grid[0]] + grid[3]].movedim(0, 1)
+
+
+def _fit_contrast(structure, volumes, chosen, rng: np.random.Generator, seed: int) -> None:
+    """Fit ``structure.contrast`` (3x3x3 conv, tanh, 1x1x1 conv) so that tanh of its maps follows the scaled
+    white-matter probability at a subsample of the ``chosen`` voxels (full-batch Adam, CONTRAST_STEPS)."""
+    share = min(1.0, CONTRAST_VOXELS / max(1, sum(len(index) for index in chosen)))
+    picked = [rng.choice(index, size=max(1, int(len(index) * share)), replace=False) for index in chosen]
+    inputs = torch.cat([_neighbourhoods(v["input"].float(), i) for v, i in zip(volumes, picked)])
+    white = torch.cat([v["wm"].float().reshape(-1)[torch.from_numpy(i)] for v, i in zip(volumes, picked)])
+    shrink = torch.tensor(CONTRAST_SHRINK / (1.0 + np.arange(structure.maps)), dtype=torch.float32)
+    wanted = shrink[None] * (2.0 * white.clamp(0, 1) - 1.0)[:, None]
+    first, last = structure.contrast[0], structure.contrast[2]
+    torch.manual_seed(seed)
+    optimiser = torch.optim.Adam(structure.contrast.parameters(), lr=CONTRAST_RATE)
+    flat_inputs = inputs.reshape(len(inputs), -1)
+    for _ in range(CONTRAST_STEPS):
+        hidden = torch.tanh(flat_inputs @ first.weight.reshape(first.out_channels, -1).T + first.bias)
+        loss = ((torch.tanh(hidden @ last.weight.reshape(last.out_channels, -1).T + last.bias) - wanted) ** 2).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    explained = 1.0 - loss.item() / float(wanted.var(dim=0).mean())
+    logger.info("contrast maps fitted to the white-matter probability on %d voxels: %.0f%% of its variance "
+                "explained", len(inputs), 100 * explained)
+
+
+def _deviatoric_norm(log6: np.ndarray) -> np.ndarray:
+    """Frobenius norm (N,) of the trace-free part of log-tensors (N, 6), BEP016 order."""
+    deviatoric = log6 - (log6[:, [0, 3, 5]].sum(axis=1, keepdims=True) / 3.0) * IDENTITY6
+    return np.sqrt((deviatoric ** 2 * FROBENIUS6).sum(axis=1))
+
+
+def _calibrate_anisotropy(solution: np.ndarray, design: np.ndarray, target: np.ndarray,
+                          white: np.ndarray) -> np.ndarray:
+    """Scale the trace-free part of the shortcut's map (``solution`` (F + 1, 6)) so that the median anisotropy
+    of mean + shortcut in white matter (p > 0.8) matches the targets': least squares under an uncertain axis
+    shrinks anisotropy (measured: predicted / true FA 0.55), the direction it points in is kept."""
+    region = white > 0.8
+    if region.sum() < 10:
+        return solution
+    fitted = design[region] @ solution[:-1] + solution[-1] + target.mean(axis=0)
+    factor = np.median(_deviatoric_norm(target[region])) / max(np.median(_deviatoric_norm(fitted)), 1e-6)
+    trace_part = (solution[:, [0, 3, 5]].sum(axis=1, keepdims=True) / 3.0) * IDENTITY6
+    logger.info("shortcut anisotropy scaled x%.2f to the training targets' white-matter median", factor)
+    return trace_part + factor * (solution - trace_part)
+
+
 def initialise_structure_head(generator, modality: str, volumes: Sequence[dict[str, torch.Tensor]],
                               white_matter_weight: float = 3.0, seed: int = 0) -> bool:
     """Fit ``generator.heads[modality]``'s contrast maps and shortcut on training ``volumes``; True if done.
@@ -66,19 +127,15 @@ def initialise_structure_head(generator, modality: str, volumes: Sequence[dict[s
     rng = np.random.default_rng(seed)
     chosen = _voxels(volumes, rng)
     flat = lambda tensor, index: tensor.reshape(tensor.shape[0], -1)[:, index].T.numpy().astype(np.float64)  # noqa: E731
-    inputs = np.concatenate([flat(v["input"], i) for v, i in zip(volumes, chosen)])
     white = np.concatenate([flat(v["wm"], i) for v, i in zip(volumes, chosen)])[:, 0]
-    shrink = CONTRAST_SHRINK / (1.0 + np.arange(head.structure.maps))
-    wanted = np.arctanh(shrink[None] * (2.0 * np.clip(white, 0, 1) - 1.0)[:, None])
-    solution = _least_squares(inputs, wanted)
+    _fit_contrast(head.structure, volumes, chosen, rng, seed)
     with torch.no_grad():
-        head.structure.contrast.weight.copy_(torch.from_numpy(solution[:-1].T).reshape_as(head.structure.contrast.weight))
-        head.structure.contrast.bias.copy_(torch.from_numpy(solution[-1]))
         features = [head.structure(v["input"][None].float())[0] for v in volumes]
     design = np.concatenate([flat(f, i) for f, i in zip(features, chosen)])
     target = np.concatenate([flat(v["target"], i) for v, i in zip(volumes, chosen)])
     weights = 1.0 + (white_matter_weight - 1.0) * np.clip(white, 0, 1)
     solution = _least_squares(design, target - target.mean(axis=0), weights)
+    solution = _calibrate_anisotropy(solution, design, target, white)
     with torch.no_grad():
         head.shortcut.weight.copy_(torch.from_numpy(solution[:-1].T).reshape_as(head.shortcut.weight))
         head.shortcut.bias.copy_(torch.from_numpy(solution[-1]))
