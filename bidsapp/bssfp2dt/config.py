@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from bssfp2dt import __version__
+from bssfp2dt import __version__, modalities
 from bssfp2dt.errors import (AnalysisLevelError, InvalidBIDSError, MissingInputError, OutputError,
                              UsageError)
 
@@ -61,7 +61,7 @@ class SelectionSettings:
     analysis_level: str
     participant_labels: tuple[str, ...] = ()
     session_labels: tuple[str, ...] = ()
-    input_modality: str = "pc-bssfp"
+    input_modality: str = modalities.DEFAULT.name
     bids_queries: str = "{}"
 
     @property

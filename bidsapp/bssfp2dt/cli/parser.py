@@ -12,16 +12,16 @@ import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
 
-from bssfp2dt import __version__
+from bssfp2dt import __version__, modalities
 from bssfp2dt.errors import EXIT_USAGE
 from bssfp2dt.training.recipes import DEFAULT_RECIPE, RECIPES
 
 PROGRAM = "bssfp2dt"
 ANALYSIS_LEVELS = ("participant", "group")
-INPUT_MODALITIES = ("pc-bssfp", "bssfp", "t1w", "dwi-tensor")
+INPUT_MODALITIES = modalities.NAMES
 TRAIN_STAGES = ("direct", "autoencoder", "head", "finetune")
-LR_SCHEDULES = ("constant", "cosine")  # training.module implements them
-MODEL_SIZES = ("tiny", "small", "reference")
+LR_SCHEDULES = modalities.LR_SCHEDULES  # training.module implements them
+MODEL_SIZES = modalities.MODEL_SIZES
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 _MEMORY_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _MEMORY_UNIT_MB = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 ** 2}
@@ -161,7 +161,7 @@ def build_parser() -> BidsAppArgumentParser:
     selection.add_argument("--derivatives", nargs="+", type=derivative_source, metavar="NAME=PATH",
                            default=[], help="precomputed tissue probability maps / brain masks (e.g. sMRIPrep)")
     selection.add_argument("--input-modality", "--input_modality", dest="input_modality",
-                           choices=INPUT_MODALITIES, default="pc-bssfp", help="which input the network reads")
+                           choices=INPUT_MODALITIES, default=modalities.DEFAULT.name, help="which input the network reads")
     selection.add_argument("--skip-bids-validation", "--skip_bids_validation", dest="skip_bids_validation",
                            action="store_true", help="do not run the BIDS validator on bids_dir")
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from bssfp2dt import modalities
 from bssfp2dt.errors import MissingInputError, NoFilesSelectedError, UsageError
 from bssfp2dt.io.nifti import effective_shape
 from bssfp2dt.messages import capped, path_problem
@@ -297,7 +298,7 @@ def _check_filter_entities(layout: "BIDSLayout", priors_layouts: list[tuple[str,
 def needed_kinds(input_modality: str) -> frozenset[str]:
     """Input kinds read for a modality; DWI is always read when present (reference / training target)."""
     kinds = {"t1w", "dwi", "fmap_epi", "probseg", "brain_mask"}
-    if input_modality in ("pc-bssfp", "bssfp"):
+    if modalities.get(input_modality).reads_bssfp:
         kinds |= {"bssfp_mag", "bssfp_phase"}
     return frozenset(kinds)
 
@@ -307,19 +308,20 @@ def require_inputs(subjects: Iterable[SubjectInputs], input_modality: str, train
 
     Raises :class:`MissingInputError` naming the subject and what it lacks.
     """
+    modality = modalities.get(input_modality)
     for subject in subjects:
         sessions = subject.sessions
         where = f"sub-{subject.subject}"
-        if input_modality in ("pc-bssfp", "bssfp") and not any(s.bssfp for s in sessions):
+        if modality.reads_bssfp and not any(s.bssfp for s in sessions):
             raise MissingInputError(
                 f"{where} has no pc-bSSFP magnitude+phase (anat/*_acq-pcbssfp_part-mag_T2w.nii.gz); add it, "
                 "drop the subject with --participant-label, or use --input-modality t1w")
         if not any(s.t1w for s in sessions):
             raise MissingInputError(f"{where} has no T1w (anat/*_T1w.nii.gz), which defines the output space; "
                                     "add one or drop the subject with --participant-label")
-        if (input_modality == "dwi-tensor" or training) and not any(s.dwi for s in sessions):
+        if (modality.needs_dwi or training) and not any(s.dwi for s in sessions):
             raise MissingInputError(f"{where} has no DWI (dwi/*_dwi.nii.gz), needed for "
-                                    f"{'training' if training else '--input-modality dwi-tensor'}; "
+                                    f"{'training' if training else f'--input-modality {modality.name}'}; "
                                     "add it or drop the subject with --participant-label")
 
 

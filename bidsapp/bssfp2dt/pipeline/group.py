@@ -26,6 +26,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from bssfp2dt import modalities
 from bssfp2dt.errors import InputOutputError, MissingInputError
 from bssfp2dt.evaluation import figures
 from bssfp2dt.evaluation.reference_results import SOURCE, reference_text
@@ -47,7 +48,7 @@ BOXPLOT_GROUPS = {"tensor-elements": ("diagonal", "offdiagonal"), "scalars": ("f
                   "angles": ("inclination", "azimuth", "v1angle")}
 #: The per-pair statistic the figures and the summary table show.
 SHOWN_STATISTIC = "median"
-MODALITY_ORDER = ("dwi", "pcbssfp", "bssfp", "t1w")
+MODALITY_ORDER = tuple(modality.desc for modality in modalities.REPORT_ORDER)  # desc labels
 
 
 def run_group(plan) -> int:

@@ -30,6 +30,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from bssfp2dt import modalities
 from bssfp2dt.errors import Bssfp2dtError, MissingInputError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -187,9 +188,7 @@ def load_model(modality: str, model_path: Path | None, device) -> LoadedModel:
 
 
 def _require_normalization(normalization, modality: str) -> None:
-    groups = {"pc-bssfp": ("magnitude", "phase"), "bssfp": ("magnitude", "phase"), "t1w": ("t1w",),
-              "dwi-tensor": ()}[modality]
-    for group in groups + ("tensor_diagonal", "tensor_offdiagonal"):
+    for group in modalities.get(modality).groups + modalities.TENSOR_GROUPS:
         normalization.require(group)
 
 
@@ -214,7 +213,7 @@ def process_subject(plan, subject_inputs, model: LoadedModel, device) -> list[Pa
         if not _has_input(session, model.modality):
             logger.info("sub-%s ses-%s: no %s input, nothing to predict", label, session.session, model.modality)
             continue
-        if model.modality in ("pc-bssfp", "bssfp"):
+        if modalities.get(model.modality).reads_bssfp:
             check_registered_bssfp(session, raw_sessions[session.session].bssfp)
         tensor, files = predict_session(config, session, raw_sessions[session.session], model, device)
         predictions[session.session] = (tensor, files.diffusivity)
@@ -256,11 +255,7 @@ def remove_interrupted_writes(output_dir: Path, label: str) -> list[Path]:
 
 
 def _has_input(session, modality: str) -> bool:
-    if modality in ("pc-bssfp", "bssfp"):
-        return session.bssfp is not None
-    if modality == "dwi-tensor":
-        return session.tensor is not None
-    return session.t1w is not None
+    return getattr(session, modalities.get(modality).source) is not None
 
 
 def network_input(session, modality: str, normalization, mask: np.ndarray) -> np.ndarray:
@@ -274,10 +269,9 @@ def network_input(session, modality: str, normalization, mask: np.ndarray) -> np
 
 def modality_image(session, modality: str) -> Path:
     """The preprocessed image of ``session`` that feeds ``modality``; UsageError for an unknown modality."""
-    paths = {"pc-bssfp": session.bssfp, "bssfp": session.bssfp, "t1w": session.t1w, "dwi-tensor": session.tensor}
-    if modality not in paths:
+    if modality not in modalities.BY_NAME:
         raise UsageError(f"--input-modality {modality!r} has no network input")
-    return paths[modality]
+    return getattr(session, modalities.BY_NAME[modality].source)
 
 
 def predict_tensor(config, session, model: LoadedModel, device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -377,9 +371,10 @@ def _sources(raw_session, modality: str, bids_dir: Path) -> list[str]:
     from bssfp2dt.io.derivatives import bids_uri
 
     files = [raw_session.t1w.image]
-    if modality in ("pc-bssfp", "bssfp") and raw_session.bssfp is not None:
+    spec = modalities.get(modality)
+    if spec.reads_bssfp and raw_session.bssfp is not None:
         files += [raw_session.bssfp.magnitude, raw_session.bssfp.phase]
-    if modality == "dwi-tensor" and raw_session.dwi is not None:
+    if spec.needs_dwi and raw_session.dwi is not None:
         files += [raw_session.dwi.image, raw_session.dwi.bval, raw_session.dwi.bvec]
     uris = []
     for path in files:

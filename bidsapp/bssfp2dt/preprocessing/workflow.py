@@ -31,6 +31,7 @@ from typing import Any, Iterator, Sequence
 import nibabel as nib
 import numpy as np
 
+from bssfp2dt import modalities
 from bssfp2dt.errors import MissingInputError
 from bssfp2dt.pipeline.node_errors import is_dwi_node, node_failures, preprocessing_error
 from bssfp2dt.preprocessing.pipeline import PreprocSettings, check_settings
@@ -343,7 +344,7 @@ def settings_from_config(config) -> PreprocSettings:
     options = config.preprocessing
     gibbs = options.unringing_method != "none"
     backend = getattr(options, "registration_backend", "ants")
-    return PreprocSettings(single_bssfp=config.selection.input_modality == "bssfp", gibbs=gibbs,
+    return PreprocSettings(single_bssfp=modalities.get(config.selection.input_modality).single_cycle, gibbs=gibbs,
                            unringing=resolve_method(options.unringing_method if gibbs else "auto"),
                            motion_correction=options.hmc_model != "none",
                            registration=registration_settings(backend), motion_registration=motion_settings(backend),
@@ -419,7 +420,7 @@ def run_preprocessing(plan_or_config, subject_inputs, settings: PreprocSettings 
 def _dwi_required(config) -> bool:
     """Training and ``--input-modality dwi-tensor`` need the DWI; otherwise it is optional."""
     training = getattr(getattr(config, "training", None), "stage", None)
-    return bool(training) or config.selection.input_modality == "dwi-tensor"
+    return bool(training) or modalities.get(config.selection.input_modality).needs_dwi
 
 
 def _without_dwi(subject_inputs):
@@ -480,7 +481,7 @@ def write_preprocessed(subject: PreprocessedSubject, config) -> list[Path]:
         sources = _sources(record, config.paths.bids_dir)
         reference = sources[0] if sources else ""
         names = derivatives.preproc_paths(subject.subject, session.session, root)
-        standard = derivatives.tensor_map_paths(subject.subject, session.session, "pcbssfp", root)
+        standard = derivatives.tensor_map_paths(subject.subject, session.session, modalities.DEFAULT.name, root)
         t1w, affine = _array(session.t1w)
         note = "not normalised; resampled to the common 2 mm T1w-space grid"
         written.append(derivatives.write_image(t1w, affine, names.t1w, derivatives.preproc_sidecar(
@@ -498,7 +499,8 @@ def write_preprocessed(subject: PreprocessedSubject, config) -> list[Path]:
                 extra={"OrientationEncoding": {"Type": "tensor", "TensorRank": 2, "EncodingAxis": 3,
                                                "Reference": "xyz"}})))
         maps = {name: _array(getattr(session, name))[0] for name in ("gm", "wm", "csf", "brain_mask")}
-        written.extend(derivatives.write_tensor_outputs(standard, maps, affine, sources, reference, "pc-bssfp"))
+        written.extend(derivatives.write_tensor_outputs(standard, maps, affine, sources, reference,
+                                                        modalities.DEFAULT.name))
         log_dir = derivatives.subject_log_dir(root, subject.subject, config.run.run_uuid)
         written.append(write_json(record, log_dir / session.provenance.name))
     logger.info("sub-%s: wrote %d preprocessed images", subject.subject, len(written))
