@@ -398,9 +398,12 @@ def _bssfp(layout: "BIDSLayout", queries: Mapping[str, Mapping[str, Any]], subje
 
 def phase_increments(magnitude: Path, shape: tuple[int, ...], mag_meta: Mapping[str, Any], phase: Path,
                      phase_meta: Mapping[str, Any]) -> tuple[float, ...]:
-    """The RF phase increments (degrees, one per volume), checked against the 4th dimension (12 cycles).
+    """The RF phase increments (degrees, one per volume, in storage order), checked against the 4th
+    dimension (12 cycles).
 
-    Without a ``PhaseIncrements`` sidecar field, evenly spaced increments 360 k / N are assumed.
+    Without a ``PhaseIncrements`` sidecar field, evenly spaced increments 360 k / N are assumed. The
+    preprocessing sorts the cycles by these increments (:func:`bssfp2dt.preprocessing.bssfp.cycle_order`), so a
+    series stored in another order feeds the network's channels in the order it was trained with.
     """
     if len(shape) != 4 or shape[3] != N_PHASE_CYCLES:
         cycles = shape[3] if len(shape) == 4 else 1
@@ -422,7 +425,17 @@ def phase_increments(magnitude: Path, shape: tuple[int, ...], mag_meta: Mapping[
     if len(listed) == 2 and not np.allclose(listed[0], listed[1]):
         raise MissingInputError(f"bSSFP magnitude {magnitude} and phase {phase} list different PhaseIncrements; "
                                 "fix the sidecars")
-    return tuple(float(v) for v in listed[0])
+    increments = tuple(float(v) for v in listed[0])
+    wrapped = np.mod(increments, 360.0)
+    ordered = np.sort(wrapped)
+    if not np.allclose(ordered - ordered[0], 360.0 * np.arange(shape[3]) / shape[3], atol=0.5):
+        logger.warning("%s: the PhaseIncrements (%s degrees) are not %d evenly spaced cycles, the spacing the "
+                       "packaged models were trained with", magnitude.name,
+                       ", ".join(f"{v:g}" for v in increments), shape[3])
+    elif np.any(np.diff(wrapped) < 0):
+        logger.info("%s: cycles stored in another order than their PhaseIncrements; they are sorted by increment",
+                    magnitude.name)
+    return increments
 
 
 def phase_units(phase: Path, meta: Mapping[str, Any]) -> str:

@@ -149,6 +149,22 @@ def remove_gibbs(volume: np.ndarray, mode: str = "complex", slice_axis: int = 2,
     return correct(np.abs(volume)) * np.exp(1j * np.angle(volume))
 
 
+def cycle_order(increments_deg) -> tuple[int, ...]:
+    """The volume order that sorts the phase cycles by RF phase increment, ascending modulo 360 degrees.
+
+    The network's channels follow the cycles in this order (0, 30, ..., 330 degrees for the packaged models),
+    so a series stored in another order (the sidecar's ``PhaseIncrements`` says which) is reordered before
+    anything else. Ties keep their stored order.
+
+    Args:
+        increments_deg: ``(C,)`` the increment of each stored volume, degrees.
+    Returns:
+        ``C`` volume indices; ``volumes[..., order]`` is the sorted series.
+    """
+    increments = np.mod(np.asarray(increments_deg, dtype=np.float64), 360.0)
+    return tuple(int(index) for index in np.argsort(increments, kind="stable"))
+
+
 def interleave_channels(magnitude: np.ndarray, phase: np.ndarray) -> np.ndarray:
     """Network input: magnitude and phase alternated along the last axis (m0, p0, m1, p1, ...).
 

@@ -100,9 +100,9 @@ def _tissue_node(t1w_grid, mask_grid, gm, wm, csf):
     return tissue_maps(t1w_grid, mask_grid, gm, wm, csf)
 
 
-def _bssfp_prepare_node(magnitude, phase, phase_units, settings):
+def _bssfp_prepare_node(magnitude, phase, phase_units, settings, cycle_order):
     from bssfp2dt.preprocessing.pipeline import prepare_bssfp
-    return prepare_bssfp(magnitude, phase, phase_units, settings)
+    return prepare_bssfp(magnitude, phase, phase_units, settings, cycle_order=cycle_order)
 
 
 def _register_node(t1w, moving, settings, what):
@@ -259,9 +259,12 @@ def _t1w_branch(workflow, session, index: int, voxel_mm: float):
 
 
 def _bssfp_branch(workflow, session, tag: str, options: dict, grid, collector):
+    from bssfp2dt.preprocessing.bssfp import cycle_order
+
     bssfp = session.bssfp
     prepare = _function_node(_bssfp_prepare_node, {"magnitude": str(bssfp.magnitude), "phase": str(bssfp.phase),
-                                                   "phase_units": bssfp.phase_units, "settings": options},
+                                                   "phase_units": bssfp.phase_units, "settings": options,
+                                                   "cycle_order": list(cycle_order(bssfp.phase_increments_deg))},
                              ["complex_path", "reference", "provenance"], f"bssfp_prepare_ses{tag}",
                              mem_gb=memory_estimate_gb(bssfp.magnitude, 16, 6))  # complex128 and its copies
     register = _function_node(_register_node, {"t1w": str(session.t1w.image), "moving": _CONNECTED,
