@@ -359,7 +359,7 @@ def _check_output_dir(output_dir: Path, bids_dir: Path) -> Path:
     if output_dir == bids_dir:
         raise UsageError(f"output_dir {output_dir} is bids_dir; write to e.g. {bids_dir / 'derivatives' / 'bssfp2dt'}")
     derivatives = bids_dir / "derivatives"
-    if _is_within(output_dir, bids_dir) and not (derivatives in output_dir.parents):
+    if _is_within(output_dir, bids_dir) and derivatives not in output_dir.parents:
         raise UsageError(f"output_dir {output_dir} is inside bids_dir; use a folder outside it or "
                          f"{derivatives / 'bssfp2dt'}")
     check_writable(output_dir, "output_dir")

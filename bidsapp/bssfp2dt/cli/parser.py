@@ -161,7 +161,8 @@ def build_parser() -> BidsAppArgumentParser:
     selection.add_argument("--derivatives", nargs="+", type=derivative_source, metavar="NAME=PATH",
                            default=[], help="precomputed tissue probability maps / brain masks (e.g. sMRIPrep)")
     selection.add_argument("--input-modality", "--input_modality", dest="input_modality",
-                           choices=INPUT_MODALITIES, default=modalities.DEFAULT.name, help="which input the network reads")
+                           choices=INPUT_MODALITIES, default=modalities.DEFAULT.name,
+                           help="which input the network reads")
     selection.add_argument("--skip-bids-validation", "--skip_bids_validation", dest="skip_bids_validation",
                            action="store_true", help="do not run the BIDS validator on bids_dir")
 
@@ -231,8 +232,8 @@ def build_parser() -> BidsAppArgumentParser:
                                "from the rate down to 1 %% of it at --max-epochs (default: %(default)s)")
     training.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULT_RECIPE,
                           help="training recipe: log-euclidean (log-tensor targets, masked white-matter-weighted loss "
-                               "with an anisotropy term, no batch norm, structure-tensor features, checkpoint chosen by "
-                               "white-matter errors: learns on a CPU) or reference (the published method: min/max "
+                               "with an anisotropy term, no batch norm, structure-tensor features, checkpoint chosen "
+                               "by white-matter errors: learns on a CPU) or reference (the published method: min/max "
                                "targets, L1 + SSIM + GAN, batch norm) (default: %(default)s)")
     training.add_argument("--early-stopping-patience", "--early_stopping_patience", dest="patience",
                           type=positive_int, default=5, metavar="EPOCHS",
@@ -242,7 +243,8 @@ def build_parser() -> BidsAppArgumentParser:
                           help="subject fractions of the training, validation and test sets (validation keeps at "
                                "least one subject) (default: %(default)s)")
     training.add_argument("--seed", type=non_negative_int, default=0,
-                          help="seed of the train/validation/test split, sampling and initialisation (default: %(default)s)")
+                          help="seed of the train/validation/test split, sampling and initialisation "
+                               "(default: %(default)s)")
 
     run = parser.add_argument_group("Run control")
     run.add_argument("--stop-on-first-crash", "--stop_on_first_crash", dest="stop_on_first_crash",

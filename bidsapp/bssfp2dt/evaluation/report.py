@@ -56,7 +56,7 @@ text-align:right}th{background:#eef2f8}td:first-child,th:first-child{text-align:
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #ddd}figcaption{font-size:.85em;color:#555}
 .note{background:#fff8e1;border-left:4px solid #f0b400;padding:.5em 1em}.ref{color:#7a4b00}h3{color:#2d4d80}a{color:#2d4d80}
 .text td,.text th{text-align:left}.text table{max-width:100%}
-"""
+"""  # noqa: E501 - the stylesheet's lines are part of every report's bytes
 
 
 @dataclass(frozen=True)

@@ -534,13 +534,15 @@ def read_gradients(image: Path, bval: Path, bvec: Path, n_volumes: int) -> tuple
         b_values = np.loadtxt(bval, ndmin=1)
         b_vectors = np.loadtxt(bvec, ndmin=2)
     except ValueError as error:
-        raise MissingInputError(f"DWI {image}: cannot read {bval.name} / {bvec.name} ({error}); fix the files") from None
+        raise MissingInputError(f"DWI {image}: cannot read {bval.name} / {bvec.name} ({error}); "
+                                "fix the files") from None
     if b_values.ndim != 1 or b_values.size != n_volumes:
         raise MissingInputError(f"DWI {image} has {n_volumes} volumes but {bval} lists {b_values.size} b-values; "
                                 "fix the .bval")
     if b_vectors.shape != (3, n_volumes):
         raise MissingInputError(f"DWI {image} has {n_volumes} volumes but {bvec} holds a "
-                                f"{b_vectors.shape[0]}x{b_vectors.shape[1]} table (3x{n_volumes} expected); fix the .bvec")
+                                f"{b_vectors.shape[0]}x{b_vectors.shape[1]} table (3x{n_volumes} expected); "
+                                "fix the .bvec")
     if not np.all(np.isfinite(b_values)) or np.any(b_values < 0):
         raise MissingInputError(f"DWI {image}: {bval} holds negative or non-numeric b-values; fix the .bval")
     if not np.all(np.isfinite(b_vectors)):

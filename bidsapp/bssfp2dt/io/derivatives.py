@@ -211,7 +211,8 @@ def bids_uri(path: Path | str, bids_dir: Path) -> str:
     into ``.git/annex``, and its URI must still name the BIDS path.
     """
     path = Path(path)
-    return f"bids:{RAW_DATASET_KEY}:{(path.parent.resolve() / path.name).relative_to(Path(bids_dir).resolve()).as_posix()}"
+    relative = (path.parent.resolve() / path.name).relative_to(Path(bids_dir).resolve())
+    return f"bids:{RAW_DATASET_KEY}:{relative.as_posix()}"
 
 
 def dataset_description(bids_dir: Path, environ: Mapping[str, str] | None = None) -> dict[str, Any]:

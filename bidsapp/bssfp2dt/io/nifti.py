@@ -16,6 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import nibabel as nib
+import numpy as np
+
 try:
     import fcntl
 except ImportError:  # not on Windows: no lock, and no stale-file clean-up there
@@ -27,9 +30,6 @@ logger = logging.getLogger(__name__)
 TEMPORARY_NAME = re.compile(r"^\.(?P<stem>[^.]*)\.[A-Za-z0-9_]+\.part(\.[^.]+)*$")
 #: Temporary files younger than this are left alone (the lock is taken just after creation).
 STALE_AFTER_S = 2.0
-
-import nibabel as nib
-import numpy as np
 
 
 def _current_umask() -> int:

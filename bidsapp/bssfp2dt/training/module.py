@@ -90,7 +90,8 @@ class Bssfp2dtGAN(L.LightningModule):
             "perceptual_weights": None if perceptual_weights is None else str(perceptual_weights),
             "learning_rate": self.learning_rate, "weight_decay": weight_decay, "data_range": data_range,
             "seed": seed, "lr_schedule": lr_schedule, "recipe": self.recipe.name,
-            "generator_options": {"norm": generator.size.norm, "structure_scales": list(generator.size.structure_scales),
+            "generator_options": {"norm": generator.size.norm,
+                                  "structure_scales": list(generator.size.structure_scales),
                                   "dropout": generator.size.dropout},
         })
 
