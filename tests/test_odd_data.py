@@ -10,21 +10,19 @@ storage scaling or dimension handling. Orientation invariance is checked against
 from __future__ import annotations
 
 import gzip
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import frontdoor_fixtures as fx  # noqa: E402
+import frontdoor_fixtures as fx
 
-from bssfp2dt.cli.parser import parse_args  # noqa: E402
-from bssfp2dt.config import config_from_args  # noqa: E402
-from bssfp2dt.io import bids as bids_io  # noqa: E402
-from bssfp2dt.io.nifti import effective_shape, load_nifti  # noqa: E402
-from bssfp2dt.preprocessing import pipeline, resampling  # noqa: E402
+from bssfp2dt.cli.parser import parse_args
+from bssfp2dt.config import config_from_args
+from bssfp2dt.io import bids as bids_io
+from bssfp2dt.io.nifti import effective_shape, load_nifti
+from bssfp2dt.preprocessing import pipeline, resampling
 
 GRID_MM = 2.0
 T1W_SHAPE = (9, 8, 7)

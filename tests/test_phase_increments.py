@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_preproc_on_simulation import FAST, make_config, preprocessed_run  # noqa: E402,F401  (session fixture)
+from helpers import FAST, make_config
 
-from bssfp2dt.io import bids as bids_io  # noqa: E402
-from bssfp2dt.preprocessing import pipeline  # noqa: E402
-from bssfp2dt.preprocessing.bssfp import cycle_order  # noqa: E402
-from bssfp2dt.preprocessing.normalization import Normalization, Range  # noqa: E402
-from bssfp2dt.preprocessing.workflow import run_preprocessing  # noqa: E402
-from bssfp2dt.pipeline.participant import network_input  # noqa: E402
+from bssfp2dt.io import bids as bids_io
+from bssfp2dt.preprocessing import pipeline
+from bssfp2dt.preprocessing.bssfp import cycle_order
+from bssfp2dt.preprocessing.normalization import Normalization, Range
+from bssfp2dt.preprocessing.workflow import run_preprocessing
+from bssfp2dt.pipeline.participant import network_input
 
 SHUFFLE = (7, 2, 11, 0, 5, 9, 1, 4, 10, 3, 8, 6)  # stored volume k holds the cycle SHUFFLE[k] of the ordered series
 

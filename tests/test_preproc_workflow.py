@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_preproc_on_simulation import FAST, preprocessed_run  # noqa: E402,F401  (session fixture)
+from helpers import FAST
 
-from bssfp2dt.io.derivatives import preproc_paths, sidecar_path, tensor_map_paths  # noqa: E402
-from bssfp2dt.preprocessing import pipeline  # noqa: E402
-from bssfp2dt.preprocessing.resampling import common_grid  # noqa: E402
-from bssfp2dt.preprocessing.workflow import (HASH_METHOD, build_workflow, run_preprocessing,  # noqa: E402
+from bssfp2dt.io.derivatives import preproc_paths, sidecar_path, tensor_map_paths
+from bssfp2dt.preprocessing import pipeline
+from bssfp2dt.preprocessing.resampling import common_grid
+from bssfp2dt.preprocessing.workflow import (HASH_METHOD, build_workflow, run_preprocessing,
                                              workflow_name)
 
 

@@ -15,13 +15,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tiny_config, tiny_pcbssfp_model  # noqa: E402
+from helpers import tiny_config, tiny_pcbssfp_model
 
-from bssfp2dt.cli.run import main  # noqa: E402
-from bssfp2dt.errors import EXIT_MISSING_INPUT  # noqa: E402
-from bssfp2dt.io import derivatives  # noqa: E402
-from bssfp2dt.simulation.dataset import simulate_dataset  # noqa: E402
+from bssfp2dt.cli.run import main
+from bssfp2dt.errors import EXIT_MISSING_INPUT
+from bssfp2dt.io import derivatives
+from bssfp2dt.simulation.dataset import simulate_dataset
 
 FAST = ("--unringing-method", "none", "--hmc-model", "none")
 
