@@ -10,7 +10,8 @@ import pytest
 
 from helpers import check_offline_html
 
-from bssfp2dt.config import (Config, PathSettings, ResourceSettings, RunPlan, RunSettings,
+from bssfp2dt.pipeline.plan import RunPlan
+from bssfp2dt.config import (Config, PathSettings, ResourceSettings, RunSettings,
                              SelectionSettings)
 from bssfp2dt.errors import EXIT_MISSING_INPUT, MissingInputError
 from bssfp2dt.evaluation.errors import error_maps

@@ -27,7 +27,8 @@ from helpers import tiny_config, tiny_pcbssfp_model
 
 from bssfp2dt.cli.run import main
 from bssfp2dt.errors import MissingInputError
-from bssfp2dt.config import (Config, ModelSettings, PathSettings, ResourceSettings, RunPlan,
+from bssfp2dt.pipeline.plan import RunPlan
+from bssfp2dt.config import (Config, ModelSettings, PathSettings, ResourceSettings,
                              RunSettings, SelectionSettings)
 from bssfp2dt.io import bids as bids_io
 from bssfp2dt.io import derivatives

@@ -17,7 +17,7 @@ import pytest
 from helpers import FAST, make_config
 
 from bssfp2dt.io import bids as bids_io
-from bssfp2dt.preprocessing import pipeline
+from bssfp2dt.preprocessing import steps
 from bssfp2dt.preprocessing.bssfp import cycle_order
 from bssfp2dt.preprocessing.normalization import Normalization, Range
 from bssfp2dt.preprocessing.workflow import run_preprocessing
@@ -76,8 +76,8 @@ def test_a_series_stored_in_another_cycle_order_gives_the_same_network_input(shu
     for modality in ("pc-bssfp", "bssfp"):
         np.testing.assert_array_equal(network_input(second, modality, normalization, mask),
                                       network_input(first, modality, normalization, mask))
-    steps = {step["step"]: step for step in json.loads(second.provenance.read_text())["steps"]}
-    assert steps["prepare_bssfp"]["cycle_order"] == list(cycle_order(raw.phase_increments_deg))
+    records = {step["step"]: step for step in json.loads(second.provenance.read_text())["steps"]}
+    assert records["prepare_bssfp"]["cycle_order"] == list(cycle_order(raw.phase_increments_deg))
     ordered_steps = {step["step"]: step for step in json.loads(first.provenance.read_text())["steps"]}
     assert "cycle_order" not in ordered_steps["prepare_bssfp"]  # an ordered series' record is unchanged
 
@@ -89,7 +89,7 @@ def test_without_the_ordering_the_channels_would_be_permuted(shuffled_run, tmp_p
 
     def prepared(raw, order, folder):
         folder.mkdir()
-        path = pipeline.prepare_bssfp(str(raw.magnitude), str(raw.phase), raw.phase_units, options, str(folder),
+        path = steps.prepare_bssfp(str(raw.magnitude), str(raw.phase), raw.phase_units, options, str(folder),
                                       cycle_order=order)[0]
         return np.asarray(nib.load(path).dataobj)
 

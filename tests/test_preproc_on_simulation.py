@@ -47,7 +47,7 @@ def dipy_registrations(tmp_path_factory, preprocessed_run):
     """The same subject's registrations with the dipy back end (``--registration-backend dipy``)."""
     import dataclasses
 
-    from bssfp2dt.preprocessing.pipeline import registration_settings
+    from bssfp2dt.preprocessing.steps import registration_settings
 
     bids_dir, _, inputs, _ = preprocessed_run
     config = make_config(bids_dir, tmp_path_factory.mktemp("preproc_dipy"), write_preproc=False)

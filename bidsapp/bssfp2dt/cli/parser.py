@@ -10,7 +10,7 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from bssfp2dt import __version__, modalities
 from bssfp2dt.errors import EXIT_USAGE
@@ -36,15 +36,22 @@ class BidsAppArgumentParser(argparse.ArgumentParser):
 
 
 class PrintExecSpecAction(argparse.Action):
-    """``--bids-exec-spec``: print the Boutiques descriptor (JSON) and exit 0, like ``--version``."""
+    """``--bids-exec-spec``: print the Boutiques descriptor (JSON) and exit 0, like ``--version``.
 
-    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+    ``describe`` returns the descriptor's text; the application passes
+    :func:`bssfp2dt.cli.platforms.descriptor_json`, which is derived from this parser (so this module does
+    not import it).
+    """
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None,
+                 describe: Callable[[], str] | None = None):
         super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+        self.describe = describe
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from bssfp2dt.cli.platforms import descriptor_json  # imported only when asked for
-
-        sys.stdout.write(descriptor_json())
+        if self.describe is None:
+            parser.error(f"{option_string} is not available from this parser")
+        sys.stdout.write(self.describe())
         parser.exit()
 
 
@@ -125,8 +132,9 @@ def derivative_source(text: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def build_parser() -> BidsAppArgumentParser:
-    """The argparse parser of ``bssfp2dt bids_dir output_dir {participant,group} [options]``."""
+def build_parser(describe: Callable[[], str] | None = None) -> BidsAppArgumentParser:
+    """The argparse parser of ``bssfp2dt bids_dir output_dir {participant,group} [options]``; ``describe``
+    gives the text ``--bids-exec-spec`` prints (see :class:`PrintExecSpecAction`)."""
     parser = BidsAppArgumentParser(
         prog=PROGRAM,
         description="Diffusion tensor, FA, MD, AD, RD and colour-FA maps predicted from phase-cycled bSSFP "
@@ -142,7 +150,7 @@ def build_parser() -> BidsAppArgumentParser:
                         help="participant: per-subject maps (or training with --train-stage); "
                              "group: aggregate the participant results")
     parser.add_argument("--version", action="version", version=f"{PROGRAM} {__version__}")
-    parser.add_argument("--bids-exec-spec", action=PrintExecSpecAction,
+    parser.add_argument("--bids-exec-spec", action=PrintExecSpecAction, describe=describe,
                         help="print the Boutiques descriptor of this command line (JSON) and exit")
     parser.add_argument("-v", "--verbose", dest="verbose", action="count", default=0,
                         help="more log output (-v debug, -vv also tracebacks)")
@@ -257,8 +265,8 @@ def build_parser() -> BidsAppArgumentParser:
     return parser
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None, describe: Callable[[], str] | None = None) -> argparse.Namespace:
     """Parse ``argv`` (default ``sys.argv[1:]``); usage errors raise ``SystemExit(64)``."""
-    return build_parser().parse_args(None if argv is None else list(argv))
+    return build_parser(describe).parse_args(None if argv is None else list(argv))
 
 

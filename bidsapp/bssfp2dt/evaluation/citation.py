@@ -225,7 +225,7 @@ def _spaces(contexts, steps, cited) -> str:
 
 def write_citation_files(output_dir: Path | str, contexts: Sequence[Mapping[str, Any]]) -> Path:
     """Write ``logs/CITATION.md`` and ``logs/CITATION.bib``; returns the Markdown path."""
-    from bssfp2dt.io.nifti import write_text
+    from bssfp2dt.io.atomic import write_text
 
     text, cited = methods_text(contexts)
     logs = Path(output_dir) / "logs"

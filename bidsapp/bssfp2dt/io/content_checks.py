@@ -8,7 +8,7 @@ values and decides per case (README "Reliability"):
   a mostly negative bSSFP magnitude (flipped sign), phase values outside their declared units;
 * **repair** with a warning that counts what was repaired: up to :data:`REPAIR_FRACTION` of the
   values non-finite (set to 0 when the image is read, :func:`finite`) or negative in the bSSFP
-  magnitude (set to 0 in :func:`bssfp2dt.preprocessing.pipeline.prepare_bssfp`);
+  magnitude (set to 0 in :func:`bssfp2dt.preprocessing.steps.prepare_bssfp`);
 * **drop an optional input**: a DWI whose gradient table cannot give a tensor (no diffusion-weighted
   volume, zero b-vectors, fewer than six independent directions) is only the evaluation's reference,
   so the prediction goes ahead and the evaluation is skipped with a warning. Training and

@@ -96,7 +96,7 @@ def check_participant(plan) -> dict[str, Any]:
 
 
 def run_participant(plan, device=None, model: LoadedModel | None = None) -> int:
-    """Process every subject of ``plan`` (:class:`bssfp2dt.config.RunPlan`); 0 when all succeeded.
+    """Process every subject of ``plan`` (:class:`bssfp2dt.pipeline.plan.RunPlan`); 0 when all succeeded.
 
     ``device`` and ``model`` come from :func:`check_participant` (run here when not given).
     """
@@ -235,9 +235,9 @@ def remove_interrupted_writes(output_dir: Path, label: str) -> list[Path]:
 
     Looks in ``sub-<label>/`` (recursively), ``figures/`` and ``output_dir`` itself; only names of this
     subject (``sub-<label>_*``, ``sub-<label>.html``) and of the dataset-level files are touched, and
-    never a file a live process is writing (see :func:`bssfp2dt.io.nifti.remove_stale_temporaries`).
+    never a file a live process is writing (see :func:`bssfp2dt.io.atomic.remove_stale_temporaries`).
     """
-    from bssfp2dt.io.nifti import remove_stale_temporaries
+    from bssfp2dt.io.atomic import remove_stale_temporaries
 
     output_dir = Path(output_dir)
     prefix = f"sub-{label}"
@@ -433,13 +433,13 @@ class SubjectLog:
     """Context manager: copy the package's log records to ``sub-<label>/log/<run_uuid>/participant.log``."""
 
     def __init__(self, config, label: str):
-        from bssfp2dt.cli.common import LOG_FORMAT
+        from bssfp2dt.messages import LOG_DATE_FORMAT, LOG_FORMAT
         from bssfp2dt.io.derivatives import subject_log_dir
 
         folder = subject_log_dir(config.paths.output_dir, label, config.run.run_uuid)
         folder.mkdir(parents=True, exist_ok=True)
         self.handler = logging.FileHandler(folder / LOG_NAME, encoding="utf-8")
-        self.handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+        self.handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt=LOG_DATE_FORMAT))
         self.handler.setLevel(logging.DEBUG if config.run.verbosity >= 1 else logging.INFO)
 
     def __enter__(self):
@@ -455,7 +455,7 @@ class SubjectLog:
 def write_crash_file(config, label: str, error: BaseException) -> Path:
     """Write the error and its traceback to ``sub-<label>/log/<run_uuid>/crash-<time>-participant.txt``."""
     from bssfp2dt.io.derivatives import subject_log_dir
-    from bssfp2dt.io.nifti import write_text
+    from bssfp2dt.io.atomic import write_text
 
     folder = subject_log_dir(config.paths.output_dir, label, config.run.run_uuid)
     path = folder / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-sub-{label}-participant.txt"

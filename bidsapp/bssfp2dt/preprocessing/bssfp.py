@@ -202,25 +202,3 @@ def single_bssfp(cycles: np.ndarray, n_cycles: int = N_PHASE_CYCLES) -> np.ndarr
     """
     cycles = np.asarray(cycles)
     return np.repeat(cycles[..., :1], n_cycles, axis=-1)
-
-
-def prepare_cycles(magnitude: np.ndarray, phase: np.ndarray, phase_units: str = "arbitrary",
-                   mask: np.ndarray | None = None, gibbs: bool = True,
-                   gibbs_mode: str = "complex") -> np.ndarray:
-    """The bSSFP steps before registration: phase rescale, complex, global phase, Gibbs.
-
-    Args:
-        magnitude: ``(X, Y, Z, C)`` arbitrary units.
-        phase: ``(X, Y, Z, C)`` scanner integers or radians (see ``phase_units``).
-        phase_units: "arbitrary" or "rad".
-        mask: optional boolean ``(X, Y, Z)`` for the global-phase sums.
-        gibbs: apply :func:`remove_gibbs`.
-        gibbs_mode: "complex" or "magnitude".
-    Returns:
-        complex128 ``(X, Y, Z, C)``.
-    """
-    signal = to_complex(magnitude, rescale_phase(phase, phase_units))
-    signal = remove_global_phase(signal, mask)
-    if gibbs:
-        signal = remove_gibbs(signal, mode=gibbs_mode)
-    return signal

@@ -380,13 +380,6 @@ def bssfp_to_grid(complex_path: str, transform_json: str, t1w_grid: str, mask_gr
 
 
 # --------------------------------------------------------------------------- DWI
-def fsl_available() -> bool:
-    """Whether FSL's topup and eddy can run (``FSLDIR`` set, binaries in ``$FSLDIR/bin``, fslpy installed)."""
-    from bssfp2dt.preprocessing.fsl import fsl_status
-
-    return fsl_status("reverse-PE b0 not checked here") is None
-
-
 def preprocess_dwi(dwi: str, bval: str, bvec: str, settings: Mapping[str, Any],
                    out_dir: str = ".", reverse_pe_b0: str | None = None) -> tuple[str, str, str, str, dict]:
     """(topup + eddy) -> Gibbs -> (denoise) -> motion correction with b-vector rotation -> mask, native grid.
