@@ -6,13 +6,14 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test test-fast demo benchmarks default-model clean
+.PHONY: help install lint test test-fast demo benchmarks default-model clean
 
 DEMO := demo
 
 help:
 	@echo "make demo      install, simulate a 2-subject dataset in $(DEMO)/bids and run bssfp2dt on it"
-	@echo "make test      install and run the test suite (what CI runs)"
+	@echo "make test      install, lint (ruff) and run the test suite (what CI runs)"
+	@echo "make lint      only the linter (ruff check)"
 	@echo "make install   create $(VENV) and install bssfp2dt with its test dependencies"
 	@echo "make benchmarks  run the speed/memory benchmarks (minutes; results go in the README)"
 	@echo "make default-model  retrain the packaged default models on simulated data (seeded)"
@@ -26,7 +27,13 @@ $(STAMP): pyproject.toml version
 
 install: $(STAMP)
 
+LINTED := bidsapp tests scripts benchmarks
+
+lint: install
+	$(BIN)/ruff check $(LINTED)
+
 test: install
+	$(BIN)/ruff check $(LINTED)
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q
 
 test-fast: install

@@ -76,7 +76,7 @@ def run_step(step: str, path: str, bids_dir: Path, reduced: int, nprocs: int) ->
 
     from bssfp2dt.io.nifti import load_nifti
     from bssfp2dt.preprocessing import dwi as dwi_steps
-    from bssfp2dt.preprocessing import pipeline, registration
+    from bssfp2dt.preprocessing import steps, registration
 
     files = _inputs(bids_dir)
     backend = "dipy" if path == "old" else "ants"
@@ -91,10 +91,10 @@ def run_step(step: str, path: str, bids_dir: Path, reduced: int, nprocs: int) ->
             moving = dwi_steps.mean_b0(data, bvals)
         static, static_affine = np.asarray(t1w, dtype=np.float64), t1w_affine
         if backend == "ants":
-            static, static_affine = pipeline.registration_image(static, static_affine, 2.0)
+            static, static_affine = steps.registration_image(static, static_affine, 2.0)
         started = time.process_time()
         transform = registration.register(static, static_affine, moving, affine, "rigid",
-                                          settings=pipeline.registration_settings(backend), initial=np.eye(4))
+                                          settings=steps.registration_settings(backend), initial=np.eye(4))
         return {"step_cpu_self": time.process_time() - started, "transform": transform.tolist(), "volumes": 1}
     if step == "gibbs_bssfp":
         from bssfp2dt.preprocessing.unringing import remove_gibbs_real
@@ -118,7 +118,7 @@ def run_step(step: str, path: str, bids_dir: Path, reduced: int, nprocs: int) ->
                                    np.flatnonzero(bvals > dwi_steps.B0_THRESHOLD)[:reduced]])
             data, bvals, bvecs = data[..., keep], bvals[keep], bvecs[keep]
         mask = dwi_steps.brain_mask(data, bvals)
-        dwi_steps.motion_correct(data, affine, bvals, bvecs, mask=mask, settings=pipeline.motion_settings(backend),
+        dwi_steps.motion_correct(data, affine, bvals, bvecs, mask=mask, settings=steps.motion_settings(backend),
                                  n_procs=1 if path == "old" else nprocs)
         return {"volumes": int(data.shape[-1])}
     raise ValueError(f"unknown step {step}")

@@ -1,5 +1,8 @@
 """Simulator speed: one full-size DOVE-like subject (3 pc-bSSFP + 4 DWI sessions + T1w, MNI anatomy) and a
-tiny test subject, wall-clock and CPU time, with the time per scan. Run: .venv/bin/python benchmarks/bench_simulate.py"""
+tiny test subject, wall-clock and CPU time, with the time per scan.
+
+Run: .venv/bin/python benchmarks/bench_simulate.py
+"""
 import os
 import platform
 import resource

@@ -1,9 +1,13 @@
-"""Shared fixtures: tiny simulated BIDS datasets (procedural phantom, a few seconds each)."""
+"""Shared fixtures: tiny simulated BIDS datasets (procedural phantom, a few seconds each) and their
+preprocessing. Helpers that are not fixtures live in helpers.py."""
 from pathlib import Path
 
 import pytest
+from helpers import FAST, make_config, tiny_config
 
-from bssfp2dt.simulation.dataset import SimulationConfig, simulate_dataset
+from bssfp2dt.io import bids as bids_io
+from bssfp2dt.preprocessing.workflow import run_preprocessing
+from bssfp2dt.simulation.dataset import simulate_dataset
 
 
 @pytest.fixture(autouse=True)
@@ -16,14 +20,6 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-def tiny_config(**overrides) -> SimulationConfig:
-    """The configuration of ``bssfp2dt-simulate --tiny`` with optional overrides."""
-    settings = dict(n_subjects=1, bssfp_sessions=1, dwi_sessions=1, seed=0, anatomy="procedural",
-                    phantom_scale=0.3, margin_mm=4.0, dwi_directions=(30, 30))
-    settings.update(overrides)
-    return SimulationConfig(**settings)
 
 
 @pytest.fixture(autouse=True)
@@ -42,25 +38,12 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return simulate_dataset(root, tiny_config(n_subjects=2, dwi_sessions=2, seed=11), progress=False)
 
 
-def tiny_pcbssfp_model(bids_dir: Path, path: Path, mag_high: float = 1.5):
-    """A tiny untrained pc-bSSFP generator (seeded) saved as a release checkpoint at ``path``.
-
-    Its magnitude range is ``mag_high`` x the dataset's raw magnitude maximum, so normalised magnitudes stay
-    inside (0, 1). Returns ``(checkpoint path, Normalization)``.
-    """
-    import nibabel as nib
-    import numpy as np
-    import torch
-
-    from bssfp2dt.models.checkpoint import save_release_checkpoint
-    from bssfp2dt.models.generator import build_generator
-    from bssfp2dt.preprocessing.normalization import Normalization, Range
-
-    magnitude = next(Path(bids_dir).rglob("*_part-mag_T2w.nii.gz"))
-    high = mag_high * float(np.asarray(nib.load(magnitude).dataobj).max())
-    normalization = Normalization(magnitude=Range(0.0, high), phase=Range(-np.pi, np.pi),
-                                  tensor_diagonal=Range(0.0, 3e-3), tensor_offdiagonal=Range(-1e-3, 1e-3))
-    torch.manual_seed(0)
-    model = save_release_checkpoint(path, build_generator("tiny", ["pc-bssfp"]), config={"size": "tiny"},
-                                    stage="direct", modality="pc-bssfp", normalization=normalization.to_dict())
-    return model, normalization
+@pytest.fixture(scope="session")
+def preprocessed_run(tmp_path_factory):
+    """(bids_dir, config, SubjectInputs, PreprocessedSubject) of one tiny simulated subject (phantom scale 0.3),
+    preprocessed with :data:`helpers.FAST`."""
+    root = tmp_path_factory.mktemp("preproc")
+    bids_dir = simulate_dataset(root / "bids", tiny_config(), progress=False)
+    config = make_config(bids_dir, root)
+    inputs = bids_io.discover(config)[0]
+    return bids_dir, config, inputs, run_preprocessing(config, inputs, FAST)

@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import gzip
 import json
-import sys
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import frontdoor_fixtures as fx  # noqa: E402
+import frontdoor_fixtures as fx
 
-from bssfp2dt.cli import run as cli_run  # noqa: E402
-from bssfp2dt.config import load_toml  # noqa: E402
-from bssfp2dt.errors import (EXIT_FAILURE, EXIT_BAD_LEVEL, EXIT_CANNOT_CREATE_OUTPUT, EXIT_INVALID_BIDS,  # noqa: E402
+from bssfp2dt.cli import run as cli_run
+from bssfp2dt.config import load_toml
+from bssfp2dt.errors import (EXIT_FAILURE, EXIT_BAD_LEVEL, EXIT_CANNOT_CREATE_OUTPUT, EXIT_INVALID_BIDS,
                              EXIT_MISSING_INPUT, EXIT_NO_FILES_SELECTED, EXIT_USAGE)
-from bssfp2dt.io.derivatives import run_config_path  # noqa: E402
+from bssfp2dt.io.derivatives import run_config_path
 
 SKIP = "--skip-bids-validation"
 
@@ -109,7 +107,8 @@ def shifted_grid(tmp):
     shifted = fx.AFFINE.copy()
     shifted[0, 3] += 1.0  # same shape, 1 mm shift
     fx.write_nifti(phase, np.zeros(fx.SHAPE + (12,), dtype=np.float32), shifted)
-    return _argv(root, tmp, SKIP), f"{magnitude} and phase {phase} are on different grids (affines differ by up to 1 mm)"
+    return _argv(root, tmp, SKIP), (f"{magnitude} and phase {phase} are on different grids "
+                                    "(affines differ by up to 1 mm)")
 
 
 def eight_cycles(tmp):

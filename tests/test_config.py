@@ -3,22 +3,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
-from bssfp2dt.config import tomllib  # noqa: E402  (tomli on Python 3.10)
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from frontdoor_fixtures import write_description  # noqa: E402
+from frontdoor_fixtures import write_description
 
-from bssfp2dt.cli.parser import parse_args  # noqa: E402
-from bssfp2dt.config import (Config, DerivativeSource, ModelSettings, PathSettings, ResourceSettings,  # noqa: E402
+from bssfp2dt.cli.parser import parse_args
+from bssfp2dt.config import tomllib  # tomli on Python 3.10
+from bssfp2dt.config import (Config, DerivativeSource, ModelSettings, PathSettings, ResourceSettings,
                              RunSettings, SelectionSettings, TrainingSettings, config_from_args, load_toml,
                              merge_queries, save_toml)
-from bssfp2dt.errors import (AnalysisLevelError, InvalidBIDSError, MissingInputError, OutputError,  # noqa: E402
+from bssfp2dt.errors import (AnalysisLevelError, InvalidBIDSError, MissingInputError, OutputError,
                              UsageError)
-from bssfp2dt.io.bids import DEFAULT_QUERIES  # noqa: E402
+from bssfp2dt.io.bids import DEFAULT_QUERIES
 
 
 @pytest.fixture()

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 VERSION = (REPO / "version").read_text().strip()
 HADOLINT = Path(sys.executable).with_name("hadolint")
 OCI_LABELS = ("version", "source", "licenses", "title", "description")
 
-sys.path.insert(0, str(REPO / "scripts"))
-import expected_outputs  # noqa: E402
+expected_outputs = load_script("expected_outputs")
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:
@@ -129,7 +129,8 @@ def test_image_installs_like_the_makefile(dockerfile):
     builder = dockerfile[1]
     docker_commands = [arguments.replace("/opt/venv/bin/pip", "pip") for keyword, arguments in builder
                        if keyword == "RUN"]
-    torch_arg = [arguments for keyword, arguments in builder if keyword == "ARG" and arguments.startswith("TORCH_SPEC=")]
+    torch_arg = [arguments for keyword, arguments in builder
+                 if keyword == "ARG" and arguments.startswith("TORCH_SPEC=")]
     assert torch_arg == [f"TORCH_SPEC={make_torch}"]
     assert pip_targets(make_commands) == pip_targets(docker_commands) == ["TORCH_SPEC", "."]
 

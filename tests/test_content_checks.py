@@ -6,19 +6,17 @@ line naming the file, and a repair is a warning counting what was repaired follo
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import frontdoor_fixtures as fx  # noqa: E402
+import frontdoor_fixtures as fx
 
-from bssfp2dt.cli import run as cli_run  # noqa: E402
-from bssfp2dt.errors import EXIT_MISSING_INPUT, MissingInputError  # noqa: E402
-from bssfp2dt.io import content_checks  # noqa: E402
+from bssfp2dt.cli import run as cli_run
+from bssfp2dt.errors import EXIT_MISSING_INPUT, MissingInputError
+from bssfp2dt.io import content_checks
 
 SKIP = "--skip-bids-validation"
 

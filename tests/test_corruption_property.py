@@ -12,19 +12,17 @@ from __future__ import annotations
 import os
 import shutil
 import zlib
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tiny_config, tiny_pcbssfp_model  # noqa: E402
+from helpers import tiny_config, tiny_pcbssfp_model
 
-from bssfp2dt.cli.run import main  # noqa: E402
-from bssfp2dt.io import derivatives  # noqa: E402
-from bssfp2dt.simulation.dataset import simulate_dataset  # noqa: E402
+from bssfp2dt.cli.run import main
+from bssfp2dt.io import derivatives
+from bssfp2dt.simulation.dataset import simulate_dataset
 
 KINDS = ("nan_patch", "constant_volume", "flip_sign", "truncate", "shift_affine")
 #: More cases for a longer check: ``BSSFP2DT_CORRUPTION_CASES=30 pytest tests/test_corruption_property.py``.

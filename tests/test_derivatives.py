@@ -9,13 +9,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import frontdoor_fixtures as fx  # noqa: E402
+import frontdoor_fixtures as fx
 
-from bssfp2dt import __version__  # noqa: E402
-from bssfp2dt.errors import OutputError  # noqa: E402
-from bssfp2dt.io import derivatives as out  # noqa: E402
-from bssfp2dt.io.validation import validation_errors  # noqa: E402
+from bssfp2dt import __version__
+from bssfp2dt.errors import OutputError
+from bssfp2dt.io import derivatives as out
+from bssfp2dt.io.validation import validation_errors
 
 # bids-conventions.md section 3, written out by hand as the independent reference.
 EXPECTED_NAMES = {
@@ -169,7 +168,8 @@ def test_container_and_doi_provenance(tmp_path):
 
 def test_refuses_another_pipelines_output(tmp_path):
     fx.write_json(tmp_path / "dataset_description.json",
-                  {"Name": "x", "BIDSVersion": "1.10.0", "DatasetType": "derivative", "GeneratedBy": [{"Name": "fmriprep"}]})
+                  {"Name": "x", "BIDSVersion": "1.10.0", "DatasetType": "derivative",
+                   "GeneratedBy": [{"Name": "fmriprep"}]})
     with pytest.raises(OutputError, match="fmriprep"):
         out.check_output_dataset(tmp_path)
     out.check_output_dataset(tmp_path / "absent")  # nothing there yet: fine

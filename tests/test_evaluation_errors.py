@@ -205,7 +205,7 @@ def test_frechet_distance_matches_monai_and_vanishes_for_identical_samples():
 def test_fid_needs_a_weights_file_and_uses_it_when_given(tmp_path):
     import torch
 
-    from bssfp2dt.training.losses import build_medicalnet_resnet10
+    from bssfp2dt.models.medicalnet import build_medicalnet_resnet10
 
     rng = np.random.default_rng(8)
     mask = _sphere(16)

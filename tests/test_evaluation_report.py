@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import tempfile
-from html.parser import HTMLParser
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import check_offline_html
 
 from bssfp2dt.evaluation.report import COMPARISON_FIGURES, evaluate_participant
 from bssfp2dt.evaluation.statistics import COLUMNS, EvaluationEntities, read_table
@@ -41,40 +39,6 @@ def phantom(n: int = N):
     reference[..., 1] = 1e-4 * grid[2] * (np.abs(grid[2]) > 0.2)  # zero in a central slab: excluded voxels
     reference[..., 4] = 2e-4
     return reference * mask[..., None], {"CSF": csf, "GM": gm, "WM": wm}, mask
-
-
-class _Links(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.images, self.links = [], []
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "img":
-            self.images.append(attrs.get("src", ""))
-        for key in ("src", "href"):
-            if key in attrs:
-                self.links.append(attrs[key])
-
-
-def check_offline_html(report: Path) -> list[Path]:
-    """No external resource in the page; every image is a decodable PNG next to it. Returns the image paths."""
-    import matplotlib.image
-
-    text = report.read_text()
-    parser = _Links()
-    parser.feed(text)
-    assert not [link for link in parser.links if re.match(r"(?i)(https?:)?//", link)]
-    assert "<script" not in text and "@import" not in text and "url(" not in text
-    images = []
-    for source in parser.images:
-        path = (report.parent / source).resolve()
-        assert path.is_file(), source
-        pixels = matplotlib.image.imread(path)
-        assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
-        assert pixels[..., :3].std() > 0.01  # not a blank canvas
-        images.append(path)
-    return images
 
 
 @pytest.fixture(scope="module")

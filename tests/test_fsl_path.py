@@ -89,7 +89,7 @@ def test_missing_phase_encoding_is_a_clear_error(fsldir, dwi_files, tmp_path):
 
 
 def test_preprocessing_records_why_fsl_did_not_run(monkeypatch, dwi_files, tmp_path):
-    from bssfp2dt.preprocessing.pipeline import PreprocSettings, preprocess_dwi
+    from bssfp2dt.preprocessing.steps import PreprocSettings, preprocess_dwi
 
     monkeypatch.delenv("FSLDIR", raising=False)
     settings = PreprocSettings(gibbs=False, motion_correction=False)

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import gzip
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import frontdoor_fixtures as fx  # noqa: E402
+import frontdoor_fixtures as fx
 
-from bssfp2dt.cli.parser import parse_args  # noqa: E402
-from bssfp2dt.config import config_from_args  # noqa: E402
-from bssfp2dt.errors import Bssfp2dtError  # noqa: E402
-from bssfp2dt.io import bids as bids_io  # noqa: E402
+from bssfp2dt.cli.parser import parse_args
+from bssfp2dt.config import config_from_args
+from bssfp2dt.errors import Bssfp2dtError
+from bssfp2dt.io import bids as bids_io
 
 N_TREES = 30
 SIDE = 4

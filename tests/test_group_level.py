@@ -2,25 +2,24 @@
 from __future__ import annotations
 
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_evaluation_report import check_offline_html  # noqa: E402
+from helpers import check_offline_html
 
-from bssfp2dt.config import (Config, PathSettings, ResourceSettings, RunPlan, RunSettings,  # noqa: E402
+from bssfp2dt.pipeline.plan import RunPlan
+from bssfp2dt.config import (Config, PathSettings, ResourceSettings, RunSettings,
                              SelectionSettings)
-from bssfp2dt.errors import EXIT_MISSING_INPUT, MissingInputError  # noqa: E402
-from bssfp2dt.evaluation.errors import error_maps  # noqa: E402
-from bssfp2dt.evaluation.reference_results import SOURCE  # noqa: E402
-from bssfp2dt.evaluation.statistics import (EvaluationEntities, frame_to_tsv, image_metric_rows,  # noqa: E402
+from bssfp2dt.errors import EXIT_MISSING_INPUT, MissingInputError
+from bssfp2dt.evaluation.errors import error_maps
+from bssfp2dt.evaluation.reference_results import SOURCE
+from bssfp2dt.evaluation.statistics import (EvaluationEntities, frame_to_tsv, image_metric_rows,
                                             read_table, rows_to_frame, tissue_statistics)
-from bssfp2dt.io import derivatives as out  # noqa: E402
-from bssfp2dt.pipeline.group import run_group  # noqa: E402
+from bssfp2dt.io import derivatives as out
+from bssfp2dt.pipeline.group import run_group
 
 N = 8
 # (subject, input session, DWI session, modality, prediction scale): sub-01 has three pairs, sub-02 one.

@@ -3,21 +3,19 @@ from __future__ import annotations
 
 import gzip
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import frontdoor_fixtures as fx  # noqa: E402
+import frontdoor_fixtures as fx
 
-from bssfp2dt.cli.parser import parse_args  # noqa: E402
-from bssfp2dt.config import config_from_args  # noqa: E402
-from bssfp2dt.errors import MissingInputError, NoFilesSelectedError, UsageError  # noqa: E402
-from bssfp2dt.io import bids as bids_io  # noqa: E402
-from bssfp2dt.io.validation import find_validator, select_errors, validation_errors  # noqa: E402
+from bssfp2dt.cli.parser import parse_args
+from bssfp2dt.config import config_from_args
+from bssfp2dt.errors import MissingInputError, NoFilesSelectedError, UsageError
+from bssfp2dt.io import bids as bids_io
+from bssfp2dt.io.validation import find_validator, select_errors, validation_errors
 
 
 @pytest.fixture(scope="module")

@@ -10,21 +10,19 @@ storage scaling or dimension handling. Orientation invariance is checked against
 from __future__ import annotations
 
 import gzip
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import frontdoor_fixtures as fx  # noqa: E402
+import frontdoor_fixtures as fx
 
-from bssfp2dt.cli.parser import parse_args  # noqa: E402
-from bssfp2dt.config import config_from_args  # noqa: E402
-from bssfp2dt.io import bids as bids_io  # noqa: E402
-from bssfp2dt.io.nifti import effective_shape, load_nifti  # noqa: E402
-from bssfp2dt.preprocessing import pipeline, resampling  # noqa: E402
+from bssfp2dt.cli.parser import parse_args
+from bssfp2dt.config import config_from_args
+from bssfp2dt.io import bids as bids_io
+from bssfp2dt.io.nifti import effective_shape, load_nifti
+from bssfp2dt.preprocessing import steps, resampling
 
 GRID_MM = 2.0
 T1W_SHAPE = (9, 8, 7)
@@ -209,7 +207,7 @@ def test_oblique_t1w_through_the_grid_step(tmp_path):
     raw = np.rint((linear_image(affine, T1W_SHAPE) - inter) / slope)
     t1w = save(tmp_path / "t1w.nii.gz", raw, affine, dtype=np.int16, slope=slope, inter=inter)
     mask = save(tmp_path / "mask.nii.gz", np.ones(T1W_SHAPE), affine, dtype=np.uint8)
-    t1w_grid, _, record = pipeline.t1w_to_grid(str(t1w), str(mask), GRID_MM, str(tmp_path / "node"))
+    t1w_grid, _, record = steps.t1w_to_grid(str(t1w), str(mask), GRID_MM, str(tmp_path / "node"))
     image = nib.load(t1w_grid)
     values = np.asanyarray(image.dataobj)
     valid = inside(affine, T1W_SHAPE, image.affine, image.shape)
@@ -310,7 +308,7 @@ def test_singleton_t1w_through_the_grid_step(tmp_path):
     affine = make_affine(ORIENTATIONS["RAS-iso"], T1W_SHAPE)
     t1w = save(tmp_path / "t1w.nii.gz", linear_image(affine, T1W_SHAPE)[..., None], affine)
     mask = save(tmp_path / "mask.nii.gz", np.ones(T1W_SHAPE), affine, dtype=np.uint8)
-    t1w_grid, _, _ = pipeline.t1w_to_grid(str(t1w), str(mask), GRID_MM, str(tmp_path / "node"))
+    t1w_grid, _, _ = steps.t1w_to_grid(str(t1w), str(mask), GRID_MM, str(tmp_path / "node"))
     assert nib.load(t1w_grid).shape == T1W_SHAPE
 
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 import shutil
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -25,21 +23,21 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tiny_config, tiny_pcbssfp_model  # noqa: E402
+from helpers import tiny_config, tiny_pcbssfp_model
 
-from bssfp2dt.cli.run import main  # noqa: E402
-from bssfp2dt.errors import MissingInputError  # noqa: E402
-from bssfp2dt.config import (Config, ModelSettings, PathSettings, ResourceSettings, RunPlan,  # noqa: E402
+from bssfp2dt.cli.run import main
+from bssfp2dt.errors import MissingInputError
+from bssfp2dt.pipeline.plan import RunPlan
+from bssfp2dt.config import (Config, ModelSettings, PathSettings, ResourceSettings,
                              RunSettings, SelectionSettings)
-from bssfp2dt.io import bids as bids_io  # noqa: E402
-from bssfp2dt.io import derivatives  # noqa: E402
-from bssfp2dt.models.checkpoint import load_release_checkpoint, save_release_checkpoint  # noqa: E402
-from bssfp2dt.models.generator import build_generator  # noqa: E402
-from bssfp2dt.pipeline.participant import load_model, run_participant  # noqa: E402
-from bssfp2dt.preprocessing import workflow  # noqa: E402
-from bssfp2dt.preprocessing.normalization import Normalization, Range  # noqa: E402
-from bssfp2dt.simulation.dataset import simulate_dataset  # noqa: E402
+from bssfp2dt.io import bids as bids_io
+from bssfp2dt.io import derivatives
+from bssfp2dt.models.checkpoint import load_release_checkpoint, save_release_checkpoint
+from bssfp2dt.models.generator import build_generator
+from bssfp2dt.pipeline.participant import load_model, run_participant
+from bssfp2dt.preprocessing import workflow
+from bssfp2dt.preprocessing.normalization import Normalization, Range
+from bssfp2dt.simulation.dataset import simulate_dataset
 
 PATCH = 32  # >= every side of the tiny common grid, so one patch covers the volume
 MAG_HIGH = 1.5  # x the raw magnitude maximum: the normalised magnitudes stay inside (0, 1)
@@ -191,13 +189,14 @@ def test_maps_agree_with_dipy(run):
 
 
 def test_outputs_pass_the_validator_and_parse_with_pybids(run):
-    from bids import BIDSLayout, BIDSLayoutIndexer
+    from bids import BIDSLayout
 
     from bssfp2dt.io.validation import validation_errors
 
     assert validation_errors(run["out"]) == []
     # every file is indexed, the error tables included (their columns use participant_id, not an entity name)
-    layout = BIDSLayout(str(run["out"]), validate=False, config=["bids", "derivatives", derivatives.PYBIDS_BEP016_CONFIG])
+    layout = BIDSLayout(str(run["out"]), validate=False,
+                        config=["bids", "derivatives", derivatives.PYBIDS_BEP016_CONFIG])
     assert layout.get(suffix="errors", extension=".tsv")
     found = layout.get(subject="01", session="1", desc="pcbssfp", model="tensor", suffix="dwimap",
                        extension=".nii.gz", return_type="filename")

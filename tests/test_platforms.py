@@ -21,8 +21,7 @@ from bssfp2dt.cli.platforms import boutiques_descriptor, descriptor_json
 from bssfp2dt.io.derivatives import TENSOR_COMPONENT_ORDER, tensor_map_paths, write_tensor_outputs
 from bssfp2dt.simulation.dataset import simulate_dataset
 
-from conftest import tiny_config
-
+from helpers import tiny_config
 REPO = Path(__file__).resolve().parents[1]
 DESCRIPTOR = REPO / "boutiques" / "descriptor.json"
 BOSH = Path(sys.executable).with_name("bosh")

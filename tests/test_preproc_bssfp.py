@@ -118,10 +118,19 @@ def test_single_bssfp_repeats_first_cycle():
         np.testing.assert_array_equal(single[..., k], cycles[..., 0])
 
 
-def test_prepare_cycles_chain():
+def test_prepare_bssfp_chain(tmp_path):
+    """The bSSFP step before registration: scanner phase rescaled, complex, each cycle's global phase removed."""
+    from bssfp2dt.io.nifti import load_nifti, save_nifti
+    from bssfp2dt.preprocessing.steps import PreprocSettings, prepare_bssfp
+
     rng = np.random.default_rng(4)
     mag = rng.uniform(1, 2, (6, 6, 4, 12))
     q = rng.integers(0, 4096, mag.shape)
-    out = bssfp.prepare_cycles(mag, q, gibbs=False)
-    np.testing.assert_allclose(np.abs(out), mag, atol=1e-12)
-    np.testing.assert_allclose(np.angle(out.reshape(-1, 12).sum(axis=0)), 0, atol=1e-6)
+    magnitude = save_nifti(mag, np.eye(4), tmp_path / "mag.nii.gz", dtype=np.float32)
+    phase = save_nifti(q, np.eye(4), tmp_path / "phase.nii.gz", dtype=np.uint16)
+    complex_path, _, record = prepare_bssfp(str(magnitude), str(phase), "arbitrary",
+                                            PreprocSettings(gibbs=False).node_options(), str(tmp_path))
+    out = load_nifti(complex_path)[0]
+    np.testing.assert_allclose(np.abs(out), mag, rtol=1e-6)
+    np.testing.assert_allclose(np.angle(out.reshape(-1, 12).sum(axis=0)), 0, atol=1e-5)
+    assert len(record["global_phases_rad"]) == 12

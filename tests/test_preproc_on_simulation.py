@@ -13,48 +13,21 @@ machine and the simulator has no within-scan motion to correct); the benchmark r
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tiny_config  # noqa: E402
+from helpers import FAST, make_config
 
-from bssfp2dt.config import (Config, ModelSettings, PathSettings, ResourceSettings, RunSettings,  # noqa: E402
-                             SelectionSettings)
-from bssfp2dt.dti.maps import tensor_maps  # noqa: E402
-from bssfp2dt.io import bids as bids_io  # noqa: E402
-from bssfp2dt.preprocessing import registration as reg  # noqa: E402
-from bssfp2dt.preprocessing.pipeline import PreprocSettings  # noqa: E402
-from bssfp2dt.preprocessing.resampling import resample  # noqa: E402
-from bssfp2dt.preprocessing.workflow import run_preprocessing, workflow_name  # noqa: E402
-from bssfp2dt.simulation.dataset import simulate_dataset  # noqa: E402
-from bssfp2dt.simulation.geometry import RigidPose  # noqa: E402
+from bssfp2dt.dti.maps import tensor_maps
+from bssfp2dt.preprocessing import registration as reg
+from bssfp2dt.preprocessing.resampling import resample
+from bssfp2dt.preprocessing.workflow import run_preprocessing, workflow_name
+from bssfp2dt.simulation.geometry import RigidPose
 
-FAST = PreprocSettings(gibbs=False, motion_correction=False)
 TRUTH = Path("derivatives") / "bssfp2dt-truth" / "sub-01"
-
-
-def make_config(bids_dir: Path, root: Path, run_uuid: str = "run1", write_preproc: bool = True) -> Config:
-    """A participant-level config for ``bids_dir`` with output and work folders under ``root``."""
-    return Config(paths=PathSettings(bids_dir=bids_dir, output_dir=root / "out", work_dir=root / "work"),
-                  selection=SelectionSettings(analysis_level="participant",
-                                              bids_queries=json.dumps(bids_io.DEFAULT_QUERIES)),
-                  resources=ResourceSettings(nprocs=1, omp_nthreads=1), run=RunSettings(run_uuid=run_uuid),
-                  model=ModelSettings(write_preproc=write_preproc))
-
-
-@pytest.fixture(scope="session")
-def preprocessed_run(tmp_path_factory):
-    """(bids_dir, config, PreprocessedSubject) of one tiny simulated subject (phantom scale 0.3)."""
-    root = tmp_path_factory.mktemp("preproc")
-    bids_dir = simulate_dataset(root / "bids", tiny_config(), progress=False)
-    config = make_config(bids_dir, root)
-    inputs = bids_io.discover(config)[0]
-    return bids_dir, config, inputs, run_preprocessing(config, inputs, FAST)
 
 
 def poses(bids_dir: Path) -> dict[str, RigidPose]:
@@ -74,7 +47,7 @@ def dipy_registrations(tmp_path_factory, preprocessed_run):
     """The same subject's registrations with the dipy back end (``--registration-backend dipy``)."""
     import dataclasses
 
-    from bssfp2dt.preprocessing.pipeline import registration_settings
+    from bssfp2dt.preprocessing.steps import registration_settings
 
     bids_dir, _, inputs, _ = preprocessed_run
     config = make_config(bids_dir, tmp_path_factory.mktemp("preproc_dipy"), write_preproc=False)

@@ -34,7 +34,8 @@ def head_phantom(shape=(32, 32, 32), voxel=VOXEL_MM, seed=0, blob_contrast=1.0):
     for _ in range(7):
         centre = rng.uniform(-18, 18, 3)
         width = rng.uniform(4, 9, 3)
-        image += blob_contrast * rng.uniform(-0.8, 0.8) * np.exp(-0.5 * (((points - centre) / width) ** 2).sum(axis=1)) * (radius < 1)
+        blob = np.exp(-0.5 * (((points - centre) / width) ** 2).sum(axis=1))
+        image += blob_contrast * rng.uniform(-0.8, 0.8) * blob * (radius < 1)
     return image.reshape(shape), affine, (radius < 1).reshape(shape)
 
 

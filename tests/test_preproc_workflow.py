@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_preproc_on_simulation import FAST, preprocessed_run  # noqa: E402,F401  (session fixture)
+from helpers import FAST
 
-from bssfp2dt.io.derivatives import preproc_paths, sidecar_path, tensor_map_paths  # noqa: E402
-from bssfp2dt.preprocessing import pipeline  # noqa: E402
-from bssfp2dt.preprocessing.resampling import common_grid  # noqa: E402
-from bssfp2dt.preprocessing.workflow import (HASH_METHOD, build_workflow, run_preprocessing,  # noqa: E402
+from bssfp2dt.io.derivatives import preproc_paths, sidecar_path, tensor_map_paths
+from bssfp2dt.preprocessing import steps
+from bssfp2dt.preprocessing.resampling import common_grid
+from bssfp2dt.preprocessing.workflow import (HASH_METHOD, build_workflow, run_preprocessing,
                                              workflow_name)
 
 
@@ -80,13 +77,13 @@ def test_rerun_with_another_thread_count_executes_no_node(preprocessed_run):
 
 
 def test_nodes_take_the_thread_count_from_the_environment(monkeypatch):
-    settings = pipeline.PreprocSettings(omp_nthreads=5)
+    settings = steps.PreprocSettings(omp_nthreads=5)
     options = settings.node_options()
     assert "omp_nthreads" not in options
-    monkeypatch.setenv(pipeline.THREADS_ENV, "5")
-    assert pipeline.PreprocSettings.from_dict(options) == settings
-    monkeypatch.delenv(pipeline.THREADS_ENV)
-    assert pipeline.PreprocSettings.from_dict(options).omp_nthreads == 1
+    monkeypatch.setenv(steps.THREADS_ENV, "5")
+    assert steps.PreprocSettings.from_dict(options) == settings
+    monkeypatch.delenv(steps.THREADS_ENV)
+    assert steps.PreprocSettings.from_dict(options).omp_nthreads == 1
 
 
 def test_write_preproc_outputs_with_sidecars(preprocessed_run):
@@ -115,10 +112,10 @@ def test_workflow_configuration(preprocessed_run, tmp_path):
 
 
 def test_settings_round_trip_and_checks():
-    settings = pipeline.PreprocSettings(voxel_mm=1.5, denoise="mppca", single_bssfp=True)
-    assert pipeline.PreprocSettings.from_dict(json.loads(json.dumps(settings.to_dict()))) == settings
+    settings = steps.PreprocSettings(voxel_mm=1.5, denoise="mppca", single_bssfp=True)
+    assert steps.PreprocSettings.from_dict(json.loads(json.dumps(settings.to_dict()))) == settings
     with pytest.raises(Exception, match="denois"):
-        pipeline.check_settings(pipeline.PreprocSettings(denoise="bm4d"))
+        steps.check_settings(steps.PreprocSettings(denoise="bm4d"))
 
 
 def test_mem_reaches_multiproc_and_nodes_carry_estimates(preprocessed_run, tmp_path):

@@ -10,7 +10,6 @@ multi-volume T1w, 2D or empty images, singular affines, NaN b-values).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -18,11 +17,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import frontdoor_fixtures as fx  # noqa: E402
+import frontdoor_fixtures as fx
 
-from bssfp2dt.cli import run as cli_run  # noqa: E402
-from bssfp2dt.errors import EXIT_MISSING_INPUT, EXIT_USAGE  # noqa: E402
+from bssfp2dt.cli import run as cli_run
+from bssfp2dt.errors import EXIT_MISSING_INPUT, EXIT_USAGE
 
 SKIP = "--skip-bids-validation"
 Builder = Callable[[Path], tuple[list, str]]

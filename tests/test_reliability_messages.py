@@ -3,19 +3,17 @@ nothing written before the device and the model are checked. Tiny front-door dat
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import frontdoor_fixtures as fx  # noqa: E402
+import frontdoor_fixtures as fx
 
-from bssfp2dt.cli import run as cli_run  # noqa: E402
-from bssfp2dt.errors import EXIT_MISSING_INPUT, EXIT_NO_FILES_SELECTED, EXIT_USAGE, MissingInputError  # noqa: E402
-from bssfp2dt.messages import capped, path_problem  # noqa: E402
-from bssfp2dt.models.checkpoint import load_release_checkpoint  # noqa: E402
+from bssfp2dt.cli import run as cli_run
+from bssfp2dt.errors import EXIT_MISSING_INPUT, EXIT_NO_FILES_SELECTED, EXIT_USAGE, MissingInputError
+from bssfp2dt.messages import capped, path_problem
+from bssfp2dt.models.checkpoint import load_release_checkpoint
 
 SKIP = "--skip-bids-validation"
 

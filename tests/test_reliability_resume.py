@@ -33,11 +33,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tiny_config, tiny_pcbssfp_model  # noqa: E402
+from helpers import tiny_config, tiny_pcbssfp_model
 
-from bssfp2dt.preprocessing.workflow import workflow_name  # noqa: E402
-from bssfp2dt.simulation.dataset import simulate_dataset  # noqa: E402
+from bssfp2dt.preprocessing.workflow import workflow_name
+from bssfp2dt.simulation.dataset import simulate_dataset
 
 PATCH = 32  # >= every side of the tiny common grid
 POLL_S = 0.01

@@ -15,13 +15,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tiny_config, tiny_pcbssfp_model  # noqa: E402
+from helpers import tiny_config, tiny_pcbssfp_model
 
-from bssfp2dt.cli.run import main  # noqa: E402
-from bssfp2dt.errors import EXIT_MISSING_INPUT  # noqa: E402
-from bssfp2dt.io import derivatives  # noqa: E402
-from bssfp2dt.simulation.dataset import simulate_dataset  # noqa: E402
+from bssfp2dt.cli.run import main
+from bssfp2dt.errors import EXIT_MISSING_INPUT
+from bssfp2dt.io import derivatives
+from bssfp2dt.simulation.dataset import simulate_dataset
 
 FAST = ("--unringing-method", "none", "--hmc-model", "none")
 
@@ -135,12 +134,12 @@ def test_a_dwi_that_misses_the_t1w_still_gives_the_prediction(source, tmp_path, 
 
 def test_a_dwi_failing_inside_preprocessing_still_gives_the_prediction(source, tmp_path, capsys, monkeypatch):
     """A DWI node error (here the tensor fit, made to fail) drops the DWI branch, not the subject."""
-    from bssfp2dt.preprocessing import pipeline
+    from bssfp2dt.preprocessing import steps
 
     def failing_fit(*args, **kwargs):
         raise ValueError("the b-values/b-vectors do not determine a tensor (design matrix rank < 7)")
 
-    monkeypatch.setattr(pipeline, "fit_dwi_tensor", failing_fit)  # the Linear plugin runs nodes in this process
+    monkeypatch.setattr(steps, "fit_dwi_tensor", failing_fit)  # the Linear plugin runs nodes in this process
     bids_dir = copy_dataset(source, tmp_path)
     code, err = run_cli(bids_dir, tmp_path, source, capsys, work=tmp_path / "work")  # no cached tensor fit
     assert code == 0, err
@@ -173,7 +172,7 @@ def test_exit_status_of_the_subjects_failures():
 
 
 def test_a_crash_file_is_read_back_to_node_and_exception(tmp_path):
-    from bssfp2dt.pipeline.node_errors import read_crash_file
+    from bssfp2dt.preprocessing.node_errors import read_crash_file
 
     crash = tmp_path / "crash-20260101-000000-u-tissue_0-x.txt"
     crash.write_text("Node: preproc_sub_01.tissue_0\nWorking directory: /w\n\nTraceback (most recent call last):\n"

@@ -16,8 +16,7 @@ from bssfp2dt.cli import simulate
 from bssfp2dt.dti.eigen import bep016_to_matrix
 from bssfp2dt.simulation.dataset import simulate_dataset
 from bssfp2dt.simulation.geometry import RigidPose
-from conftest import tiny_config
-
+from helpers import tiny_config
 TRUTH = Path("derivatives") / "bssfp2dt-truth"
 
 
@@ -43,8 +42,10 @@ def test_same_seed_gives_identical_files_and_another_seed_differs(tmp_path):
 def test_layout_follows_the_bids_naming(tiny_dataset):
     for subject in ("01", "02"):
         ses1 = tiny_dataset / f"sub-{subject}" / "ses-1"
-        for name in (f"anat/sub-{subject}_ses-1_T1w.nii.gz", f"anat/sub-{subject}_ses-1_acq-pcbssfp_part-mag_T2w.nii.gz",
-                     f"anat/sub-{subject}_ses-1_acq-pcbssfp_part-phase_T2w.nii.gz", f"dwi/sub-{subject}_ses-1_dwi.nii.gz",
+        for name in (f"anat/sub-{subject}_ses-1_T1w.nii.gz",
+                     f"anat/sub-{subject}_ses-1_acq-pcbssfp_part-mag_T2w.nii.gz",
+                     f"anat/sub-{subject}_ses-1_acq-pcbssfp_part-phase_T2w.nii.gz",
+                     f"dwi/sub-{subject}_ses-1_dwi.nii.gz",
                      f"dwi/sub-{subject}_ses-1_dwi.bval", f"dwi/sub-{subject}_ses-1_dwi.bvec",
                      f"fmap/sub-{subject}_ses-1_dir-PA_epi.nii.gz"):
             assert (ses1 / name).is_file(), name
@@ -103,8 +104,9 @@ def test_dipy_fit_of_the_raw_dwi_recovers_the_session_truth(tiny_dataset):
     base = tiny_dataset / "sub-01" / "ses-1" / "dwi" / "sub-01_ses-1_dwi"
     bvals, bvecs = read_bvals_bvecs(f"{base}.bval", f"{base}.bvec")
     data = _load(f"{base}.nii.gz").astype(np.float64)
-    truth = _load(tiny_dataset / TRUTH / "sub-01/ses-1/dwi/sub-01_ses-1_desc-noiselessfit_model-tensor_param-diffusivity_dwimap.nii.gz")
-    truth_fa = _load(tiny_dataset / TRUTH / "sub-01/ses-1/dwi/sub-01_ses-1_desc-noiselessfit_model-tensor_param-fa_dwimap.nii.gz")
+    fit_base = tiny_dataset / TRUTH / "sub-01/ses-1/dwi/sub-01_ses-1_desc-noiselessfit_model-tensor"
+    truth = _load(f"{fit_base}_param-diffusivity_dwimap.nii.gz")
+    truth_fa = _load(f"{fit_base}_param-fa_dwimap.nii.gz")
     anisotropic = truth_fa > 0.5
     assert anisotropic.sum() > 30
     fit = TensorModel(gradient_table(bvals, bvecs=bvecs)).fit(data[anisotropic])
@@ -123,15 +125,18 @@ def _centroid_mm(mask_image):
 
 def test_sessions_differ_by_their_recorded_rigid_transforms(tiny_dataset):
     params = json.loads((tiny_dataset / TRUTH / "sub-01" / "sub-01_simulation.json").read_text())
-    poses = {(s["modality"], s["session"]): RigidPose(tuple(s["pose"]["rotation_deg"]), tuple(s["pose"]["translation_mm"]))
+    poses = {(s["modality"], s["session"]): RigidPose(tuple(s["pose"]["rotation_deg"]),
+                                                      tuple(s["pose"]["translation_mm"]))
              for s in params["subject"]["scans"]}
     t1w_space = nib.load(tiny_dataset / TRUTH / "sub-01/anat/sub-01_space-T1w_desc-brain_mask.nii.gz")
     c_t1w = _centroid_mm(t1w_space)
     for session in ("1", "2"):
-        fa = nib.load(tiny_dataset / TRUTH / f"sub-01/ses-{session}/dwi/sub-01_ses-{session}_desc-truth_model-tensor_param-md_dwimap.nii.gz")
+        fa = nib.load(tiny_dataset / TRUTH / f"sub-01/ses-{session}/dwi"
+                      / f"sub-01_ses-{session}_desc-truth_model-tensor_param-md_dwimap.nii.gz")
         brain = nib.Nifti1Image((np.asanyarray(fa.dataobj) > 0).astype(np.uint8), fa.affine)
         t1w, dwi = poses[("t1w", "1")], poses[("dwi", session)]
-        expected = dwi.rotation @ (t1w.rotation.T @ (c_t1w - np.asarray(t1w.translation_mm))) + np.asarray(dwi.translation_mm)
+        in_head = t1w.rotation.T @ (c_t1w - np.asarray(t1w.translation_mm))
+        expected = dwi.rotation @ in_head + np.asarray(dwi.translation_mm)
         # the DWI mask is every voxel with any tissue, the T1w-space mask half-filled voxels: compare the
         # moved centroid with a tolerance of a quarter voxel at 2 mm
         assert np.linalg.norm(_centroid_mm(brain) - expected) < 0.5

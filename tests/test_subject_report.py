@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import tiny_config, tiny_pcbssfp_model
-from test_evaluation_report import check_offline_html
+from helpers import check_offline_html, tiny_config, tiny_pcbssfp_model
 
 from bssfp2dt import __version__
 from bssfp2dt.cli.run import main

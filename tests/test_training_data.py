@@ -3,58 +3,17 @@ network channels of each modality and the seeded TorchIO queues, on small synthe
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 import torchio as tio
+from helpers import AFFINE, SHAPE, save_image, synthetic_subject
 
 from bssfp2dt.errors import UsageError
-from bssfp2dt.preprocessing.workflow import PreprocessedSession, PreprocessedSubject
+from bssfp2dt.preprocessing.workflow import PreprocessedSubject
 from bssfp2dt.training import data
-
-SHAPE = (20, 18, 16)
-AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
-
-
-def _save(array: np.ndarray, path: Path, dtype=np.float32) -> Path:
-    nib.save(nib.Nifti1Image(np.asarray(array, dtype=dtype), AFFINE), str(path))
-    return path
-
-
-def synthetic_subject(root: Path, label: str, bssfp_sessions: int, dwi_sessions: int, seed: int,
-                      scale: float = 1.0) -> PreprocessedSubject:
-    """A subject as ``run_preprocessing`` returns it: session k has bSSFP if k <= bssfp_sessions, a tensor if
-    k <= dwi_sessions; one T1w (session 1) shared by all sessions; an ellipsoid brain mask on a 20x18x16 grid.
-    ``scale`` multiplies every intensity (to tell subjects apart in the normalisation)."""
-    rng = np.random.default_rng(seed)
-    folder = root / f"sub-{label}"
-    folder.mkdir(parents=True)
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij"), axis=-1)
-    mask = (np.sum(grid ** 2, axis=-1) < 0.6).astype(np.uint8)
-    mask_path = _save(mask, folder / "mask.nii.gz", np.uint8)
-    t1w = _save(scale * (100 + 50 * rng.random(SHAPE)) * mask, folder / "t1w.nii.gz")
-    tissue = _save(mask / 3.0, folder / "tissue.nii.gz")
-    sessions = []
-    for k in range(1, max(bssfp_sessions, dwi_sessions) + 1):
-        bssfp = tensor = None
-        if k <= bssfp_sessions:
-            magnitude = scale * (10 + 5 * rng.random(SHAPE + (12,)))
-            phase = rng.uniform(-np.pi, np.pi, SHAPE + (12,))
-            channels = np.stack([magnitude, phase], axis=-1).reshape(SHAPE + (24,)) * mask[..., None]
-            bssfp = _save(channels, folder / f"bssfp_ses{k}.nii.gz")
-        if k <= dwi_sessions:
-            values = rng.random(SHAPE + (6,))
-            values[..., [0, 3, 5]] = scale * (0.5e-3 + 2e-3 * values[..., [0, 3, 5]])
-            values[..., [1, 2, 4]] = scale * (-2e-4 + 4e-4 * values[..., [1, 2, 4]])
-            tensor = _save(values * mask[..., None], folder / f"tensor_ses{k}.nii.gz")
-        sessions.append(PreprocessedSession(subject=label, session=str(k), t1w_session="1", t1w=t1w,
-                                            brain_mask=mask_path, gm=tissue, wm=tissue, csf=tissue, bssfp=bssfp,
-                                            tensor=tensor, provenance=folder / "provenance.json"))
-    return PreprocessedSubject(label, tuple(sessions))
-
 
 @pytest.fixture(scope="module")
 def subjects(tmp_path_factory) -> list[PreprocessedSubject]:
@@ -262,7 +221,7 @@ def test_sessions_on_different_grids_are_not_paired(tmp_path, subjects, caplog):
     import dataclasses
 
     subject = subjects[1]  # bSSFP in session 1, DWI in sessions 1 and 2
-    other_mask = _save(np.ones((SHAPE[0] + 2,) + SHAPE[1:]), tmp_path / "other_mask.nii.gz", np.uint8)
+    other_mask = save_image(np.ones((SHAPE[0] + 2,) + SHAPE[1:]), tmp_path / "other_mask.nii.gz", np.uint8)
     moved = dataclasses.replace(subject.sessions[1], brain_mask=other_mask)
     changed = PreprocessedSubject(subject.subject, (subject.sessions[0], moved))
     pairs = data.pair_sessions(changed, "pc-bssfp")

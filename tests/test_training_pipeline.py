@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -13,18 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tiny_config  # noqa: E402
-from test_training_data import synthetic_subject  # noqa: E402
+from helpers import synthetic_subject, tiny_config
 
-from bssfp2dt.errors import MissingInputError, UsageError  # noqa: E402
-from bssfp2dt.models.generator import build_generator  # noqa: E402
-from bssfp2dt.pipeline.training import starting_point  # noqa: E402
-from bssfp2dt.training import data  # noqa: E402
-from bssfp2dt.training.losses import LossWeights  # noqa: E402
-from bssfp2dt.training.module import Bssfp2dtGAN  # noqa: E402
-from bssfp2dt.training.stages import get_stage  # noqa: E402
-from bssfp2dt.training.trainer import build_trainer, hardware, slurm_counts  # noqa: E402
+from bssfp2dt.errors import MissingInputError, UsageError
+from bssfp2dt.models.generator import build_generator
+from bssfp2dt.pipeline.training import starting_point
+from bssfp2dt.training import data
+from bssfp2dt.training.losses import LossWeights
+from bssfp2dt.training.module import Bssfp2dtGAN
+from bssfp2dt.training.stages import get_stage
+from bssfp2dt.training.trainer import build_trainer, hardware, slurm_counts
 
 
 @pytest.fixture(autouse=True)
@@ -83,7 +80,8 @@ def test_cosine_schedule_decays_to_a_hundredth_and_resumes_exactly(tmp_path, dat
         uninterrupted, datamodule=datamodule_factory())
     # Closed form of the half cosine from 1e-3 to 1e-5 over 3 epochs, read after each epoch.
     expected = [1e-5 + (1e-3 - 1e-5) * (1 + np.cos(np.pi * epoch / 3)) / 2 for epoch in (1, 2, 3)]
-    np.testing.assert_allclose(_learning_rates(tmp_path / "full" / "metrics.csv"), expected, rtol=1e-6)  # logged as float32
+    # logged as float32
+    np.testing.assert_allclose(_learning_rates(tmp_path / "full" / "metrics.csv"), expected, rtol=1e-6)
 
     first = _module(0, "cosine")
     build_trainer(tmp_path / "part", max_epochs=3, device="cpu", progress_bar=False, max_steps=8).fit(

@@ -18,7 +18,7 @@ from bssfp2dt.training.losses import TensorLoss, deviatoric_norm, log_tensor_err
 from bssfp2dt.training.module import Bssfp2dtGAN
 from bssfp2dt.training.recipes import RECIPES
 
-from test_training_data import synthetic_subject  # noqa: E402  (tests share the synthetic sessions)
+from helpers import synthetic_subject
 
 ROWS, COLS = (0, 0, 0, 1, 1, 2), (0, 1, 2, 1, 2, 2)
 
@@ -111,7 +111,8 @@ def test_deviatoric_norm_is_zero_for_isotropic_tensors_and_rotation_invariant():
 def test_log_tensor_errors_agree_with_the_numpy_tensor_maps():
     rng = np.random.default_rng(3)
     prediction, target = random_tensors(64, 1), random_tensors(64, 2)
-    as_volume = lambda six: torch.from_numpy(log_tensor(six).reshape(4, 4, 4, 6)).permute(3, 0, 1, 2)[None]
+    def as_volume(six):
+        return torch.from_numpy(log_tensor(six).reshape(4, 4, 4, 6)).permute(3, 0, 1, 2)[None]
     errors = log_tensor_errors(as_volume(prediction), as_volume(target), torch.ones(1, 1, 4, 4, 4))
     maps_p, maps_t = tensor_maps(prediction), tensor_maps(target)
     cosine = np.abs((maps_p["v1"] * maps_t["v1"]).sum(-1)).clip(max=1)

@@ -18,9 +18,9 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
-from bssfp2dt import __version__
+from bssfp2dt import __version__, modalities
 from bssfp2dt.errors import (AnalysisLevelError, InvalidBIDSError, MissingInputError, OutputError,
                              UsageError)
 
@@ -28,9 +28,6 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
-
-if TYPE_CHECKING:
-    from bssfp2dt.io.bids import SubjectInputs
 
 ANALYSIS_LEVELS = ("participant", "group")
 
@@ -61,7 +58,7 @@ class SelectionSettings:
     analysis_level: str
     participant_labels: tuple[str, ...] = ()
     session_labels: tuple[str, ...] = ()
-    input_modality: str = "pc-bssfp"
+    input_modality: str = modalities.DEFAULT.name
     bids_queries: str = "{}"
 
     @property
@@ -152,25 +149,12 @@ class Config:
         return dataclasses.replace(self, selection=dataclasses.replace(self.selection, participant_labels=(label,)))
 
 
-@dataclass(frozen=True)
-class RunPlan:
-    """What the participant / group / training pipelines receive: the config and the checked inputs.
-
-    ``subjects``: discovered inputs per selected subject (participant level and training).
-    ``participant_results``: subject label -> tensor-map files found in output_dir (group level).
-    """
-
-    config: Config
-    subjects: tuple["SubjectInputs", ...] = ()
-    participant_results: Mapping[str, tuple[Path, ...]] = field(default_factory=dict)
-
-
 # --------------------------------------------------------------------------- TOML round trip
 def save_toml(config: Config, path: Path | str) -> Path:
     """Write ``config`` as TOML (atomically); ``load_toml`` gives back an equal object."""
     import tomli_w  # small, but only needed when writing
 
-    from bssfp2dt.io.nifti import write_text
+    from bssfp2dt.io.atomic import write_text
 
     return write_text(tomli_w.dumps(_to_toml(config)), path)
 
@@ -359,7 +343,7 @@ def _check_output_dir(output_dir: Path, bids_dir: Path) -> Path:
     if output_dir == bids_dir:
         raise UsageError(f"output_dir {output_dir} is bids_dir; write to e.g. {bids_dir / 'derivatives' / 'bssfp2dt'}")
     derivatives = bids_dir / "derivatives"
-    if _is_within(output_dir, bids_dir) and not (derivatives in output_dir.parents):
+    if _is_within(output_dir, bids_dir) and derivatives not in output_dir.parents:
         raise UsageError(f"output_dir {output_dir} is inside bids_dir; use a folder outside it or "
                          f"{derivatives / 'bssfp2dt'}")
     check_writable(output_dir, "output_dir")

@@ -1,4 +1,4 @@
-"""Small helpers that keep user-facing messages one readable line."""
+"""Small helpers that keep user-facing messages one readable line, and the log line format."""
 from __future__ import annotations
 
 import errno
@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Iterable
 
 MAX_LISTED = 10  # items named in a message before "... and N more"
+#: Every log line (console and ``sub-<label>/log/<run_uuid>/participant.log``): time, level, logger, message.
+LOG_FORMAT = "%(asctime)s | %(levelname)-7s | %(name)s | %(message)s"
+LOG_DATE_FORMAT = "%H:%M:%S"
 
 
 def capped(items: Iterable[object], limit: int = MAX_LISTED, separator: str = ", ") -> str:

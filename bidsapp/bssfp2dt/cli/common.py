@@ -6,14 +6,13 @@ import sys
 from typing import Callable
 
 from bssfp2dt.errors import EXIT_FAILURE, Bssfp2dtError
-
-LOG_FORMAT = "%(asctime)s | %(levelname)-7s | %(name)s | %(message)s"
+from bssfp2dt.messages import LOG_DATE_FORMAT, LOG_FORMAT
 
 
 def setup_logging(verbosity: int) -> None:
     """Configure stdlib logging once: 0 -> INFO for bssfp2dt (WARNING for others), >=1 -> DEBUG."""
     level = logging.DEBUG if verbosity >= 1 else logging.INFO
-    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT, force=True)
     logging.getLogger("bssfp2dt").setLevel(level)
 
 

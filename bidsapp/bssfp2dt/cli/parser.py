@@ -10,18 +10,18 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Callable, NoReturn, Sequence
 
-from bssfp2dt import __version__
+from bssfp2dt import __version__, modalities
 from bssfp2dt.errors import EXIT_USAGE
 from bssfp2dt.training.recipes import DEFAULT_RECIPE, RECIPES
 
 PROGRAM = "bssfp2dt"
 ANALYSIS_LEVELS = ("participant", "group")
-INPUT_MODALITIES = ("pc-bssfp", "bssfp", "t1w", "dwi-tensor")
+INPUT_MODALITIES = modalities.NAMES
 TRAIN_STAGES = ("direct", "autoencoder", "head", "finetune")
-LR_SCHEDULES = ("constant", "cosine")  # training.module implements them
-MODEL_SIZES = ("tiny", "small", "reference")
+LR_SCHEDULES = modalities.LR_SCHEDULES  # training.module implements them
+MODEL_SIZES = modalities.MODEL_SIZES
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 _MEMORY_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _MEMORY_UNIT_MB = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 ** 2}
@@ -36,15 +36,22 @@ class BidsAppArgumentParser(argparse.ArgumentParser):
 
 
 class PrintExecSpecAction(argparse.Action):
-    """``--bids-exec-spec``: print the Boutiques descriptor (JSON) and exit 0, like ``--version``."""
+    """``--bids-exec-spec``: print the Boutiques descriptor (JSON) and exit 0, like ``--version``.
 
-    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+    ``describe`` returns the descriptor's text; the application passes
+    :func:`bssfp2dt.cli.platforms.descriptor_json`, which is derived from this parser (so this module does
+    not import it).
+    """
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None,
+                 describe: Callable[[], str] | None = None):
         super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+        self.describe = describe
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from bssfp2dt.cli.platforms import descriptor_json  # imported only when asked for
-
-        sys.stdout.write(descriptor_json())
+        if self.describe is None:
+            parser.error(f"{option_string} is not available from this parser")
+        sys.stdout.write(self.describe())
         parser.exit()
 
 
@@ -125,8 +132,9 @@ def derivative_source(text: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def build_parser() -> BidsAppArgumentParser:
-    """The argparse parser of ``bssfp2dt bids_dir output_dir {participant,group} [options]``."""
+def build_parser(describe: Callable[[], str] | None = None) -> BidsAppArgumentParser:
+    """The argparse parser of ``bssfp2dt bids_dir output_dir {participant,group} [options]``; ``describe``
+    gives the text ``--bids-exec-spec`` prints (see :class:`PrintExecSpecAction`)."""
     parser = BidsAppArgumentParser(
         prog=PROGRAM,
         description="Diffusion tensor, FA, MD, AD, RD and colour-FA maps predicted from phase-cycled bSSFP "
@@ -142,7 +150,7 @@ def build_parser() -> BidsAppArgumentParser:
                         help="participant: per-subject maps (or training with --train-stage); "
                              "group: aggregate the participant results")
     parser.add_argument("--version", action="version", version=f"{PROGRAM} {__version__}")
-    parser.add_argument("--bids-exec-spec", action=PrintExecSpecAction,
+    parser.add_argument("--bids-exec-spec", action=PrintExecSpecAction, describe=describe,
                         help="print the Boutiques descriptor of this command line (JSON) and exit")
     parser.add_argument("-v", "--verbose", dest="verbose", action="count", default=0,
                         help="more log output (-v debug, -vv also tracebacks)")
@@ -161,7 +169,8 @@ def build_parser() -> BidsAppArgumentParser:
     selection.add_argument("--derivatives", nargs="+", type=derivative_source, metavar="NAME=PATH",
                            default=[], help="precomputed tissue probability maps / brain masks (e.g. sMRIPrep)")
     selection.add_argument("--input-modality", "--input_modality", dest="input_modality",
-                           choices=INPUT_MODALITIES, default="pc-bssfp", help="which input the network reads")
+                           choices=INPUT_MODALITIES, default=modalities.DEFAULT.name,
+                           help="which input the network reads")
     selection.add_argument("--skip-bids-validation", "--skip_bids_validation", dest="skip_bids_validation",
                            action="store_true", help="do not run the BIDS validator on bids_dir")
 
@@ -231,8 +240,8 @@ def build_parser() -> BidsAppArgumentParser:
                                "from the rate down to 1 %% of it at --max-epochs (default: %(default)s)")
     training.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULT_RECIPE,
                           help="training recipe: log-euclidean (log-tensor targets, masked white-matter-weighted loss "
-                               "with an anisotropy term, no batch norm, structure-tensor features, checkpoint chosen by "
-                               "white-matter errors: learns on a CPU) or reference (the published method: min/max "
+                               "with an anisotropy term, no batch norm, structure-tensor features, checkpoint chosen "
+                               "by white-matter errors: learns on a CPU) or reference (the published method: min/max "
                                "targets, L1 + SSIM + GAN, batch norm) (default: %(default)s)")
     training.add_argument("--early-stopping-patience", "--early_stopping_patience", dest="patience",
                           type=positive_int, default=5, metavar="EPOCHS",
@@ -242,7 +251,8 @@ def build_parser() -> BidsAppArgumentParser:
                           help="subject fractions of the training, validation and test sets (validation keeps at "
                                "least one subject) (default: %(default)s)")
     training.add_argument("--seed", type=non_negative_int, default=0,
-                          help="seed of the train/validation/test split, sampling and initialisation (default: %(default)s)")
+                          help="seed of the train/validation/test split, sampling and initialisation "
+                               "(default: %(default)s)")
 
     run = parser.add_argument_group("Run control")
     run.add_argument("--stop-on-first-crash", "--stop_on_first_crash", dest="stop_on_first_crash",
@@ -255,8 +265,8 @@ def build_parser() -> BidsAppArgumentParser:
     return parser
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None, describe: Callable[[], str] | None = None) -> argparse.Namespace:
     """Parse ``argv`` (default ``sys.argv[1:]``); usage errors raise ``SystemExit(64)``."""
-    return build_parser().parse_args(None if argv is None else list(argv))
+    return build_parser(describe).parse_args(None if argv is None else list(argv))
 
 

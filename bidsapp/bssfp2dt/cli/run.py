@@ -32,9 +32,16 @@ PIPELINES = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the BIDS execution-spec exit code (usage errors exit 64 directly)."""
-    args = parse_args(argv)
+    args = parse_args(argv, describe=_descriptor)
     setup_logging(args.verbose)
     return run_reporting_errors(lambda: run(args), args.verbose, PROGRAM)
+
+
+def _descriptor() -> str:
+    """The Boutiques descriptor ``--bids-exec-spec`` prints (imported only when asked for)."""
+    from bssfp2dt.cli.platforms import descriptor_json
+
+    return descriptor_json()
 
 
 def new_run_uuid() -> str:
@@ -44,7 +51,8 @@ def new_run_uuid() -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Check, discover and dispatch; raises :class:`Bssfp2dtError` subclasses for user errors."""
-    from bssfp2dt.config import RunPlan, config_from_args
+    from bssfp2dt.config import config_from_args
+    from bssfp2dt.pipeline.plan import RunPlan
     from bssfp2dt.io import bids as bids_io
     from bssfp2dt.io.content_checks import check_subjects
     from bssfp2dt.io.derivatives import check_output_dataset

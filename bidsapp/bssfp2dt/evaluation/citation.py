@@ -88,7 +88,8 @@ def methods_text(contexts: Sequence[Mapping[str, Any]]) -> tuple[str, list[str]]
     n_subjects = len(contexts)
     paragraphs = [f"Results included in this manuscript come from processing with *bssfp2dt* {version}, a BIDS App "
                   "that predicts the diffusion tensor from balanced steady-state free precession (bSSFP) or "
-                  f"T1-weighted (T1w) images, built on Nipype [@nipype] and NiBabel [@nibabel] ({n_subjects} subject(s)).",
+                  "T1-weighted (T1w) images, built on Nipype [@nipype] and NiBabel [@nibabel] "
+                  f"({n_subjects} subject(s)).",
                   _anatomical(steps, cited), _bssfp(steps, cited), _dwi(steps, cited), _model(contexts, cited),
                   _spaces(contexts, steps, cited)]
     text = "\n\n".join(paragraph for paragraph in paragraphs if paragraph)
@@ -224,7 +225,7 @@ def _spaces(contexts, steps, cited) -> str:
 
 def write_citation_files(output_dir: Path | str, contexts: Sequence[Mapping[str, Any]]) -> Path:
     """Write ``logs/CITATION.md`` and ``logs/CITATION.bib``; returns the Markdown path."""
-    from bssfp2dt.io.nifti import write_text
+    from bssfp2dt.io.atomic import write_text
 
     text, cited = methods_text(contexts)
     logs = Path(output_dir) / "logs"

@@ -40,7 +40,7 @@ def _tick_format():
 
 
 def _save(figure, path: Path) -> Path:
-    from bssfp2dt.io.nifti import atomic_path
+    from bssfp2dt.io.atomic import atomic_path
 
     with atomic_path(path) as temp_path:
         figure.savefig(temp_path, format="png", dpi=DPI)

@@ -126,7 +126,7 @@ def medicalnet_samples(volume: np.ndarray, mask: np.ndarray, network) -> np.ndar
     """MedicalNet layer-4 features (C * positions, 512) of a volume (X, Y, Z, C); channels z-scored in the mask."""
     import torch
 
-    from bssfp2dt.training.losses import medicalnet_features
+    from bssfp2dt.models.medicalnet import medicalnet_features
 
     mask = np.asarray(mask, dtype=bool)
     channels = np.moveaxis(np.asarray(volume, dtype=np.float64), -1, 0)
@@ -157,7 +157,7 @@ def fid(predicted: np.ndarray, reference: np.ndarray, mask: np.ndarray, weights_
 @functools.lru_cache(maxsize=1)
 def _medicalnet(path: str, mtime_ns: int):
     """The frozen network of one weights file, kept for the next session pair (``mtime_ns`` keys a changed file)."""
-    from bssfp2dt.training.losses import build_medicalnet_resnet10, load_medicalnet_weights
+    from bssfp2dt.models.medicalnet import build_medicalnet_resnet10, load_medicalnet_weights
 
     return load_medicalnet_weights(build_medicalnet_resnet10(), path).eval()
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bssfp2dt import modalities
+
 SOURCE = "measured on DOVE (real data), from the reference thesis"
 #: The thesis' modality names -> this project's desc labels.
-THESIS_MODALITIES = {"DT": "dwi", "pc-bSSFP": "pcbssfp", "bSSFP": "bssfp", "T1w": "t1w"}
+THESIS_MODALITIES = {modality.label: modality.desc for modality in modalities.REPORT_ORDER}
 
 
 @dataclass(frozen=True)

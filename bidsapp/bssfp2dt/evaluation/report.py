@@ -31,6 +31,7 @@ import numpy as np
 from bssfp2dt.errors import InputOutputError, MissingInputError
 from bssfp2dt.evaluation.errors import ERROR_UNITS, TENSOR_ELEMENTS, ErrorFloors, error_maps
 from bssfp2dt.evaluation.metrics import ImageMetrics, image_metrics
+from bssfp2dt.evaluation.pages import CSS, html_figure, html_page, html_table  # noqa: F401 - also public here
 from bssfp2dt.evaluation.statistics import (BRAIN, COLUMN_DESCRIPTIONS, POOLED_METRICS, TISSUES,
                                             EvaluationEntities, frame_to_tsv, image_metric_rows, read_table,
                                             rows_to_frame, tissue_statistics)
@@ -46,17 +47,6 @@ COMPARISON_FIGURES = {"Dxx": ("Dxx (D11)", "mm^2/s"), "Dyz": ("Dyz (D23)", "mm^2
                       "FA": ("FA", ""), "colourFA": ("colour-FA (red x, green y, blue z)", "")}
 ERROR_MAP_FIGURE_METRICS = ("D11", "D23", "md", "fa", "v1angle")
 _ERROR_MAP_PARAMS = ("diffusivity", "fa", "md", "ad", "rd", "inclination", "azimuth", "v1angle")
-
-CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;max-width:1100px;
-color:#222;line-height:1.4;padding:0 1em}
-h1{border-bottom:2px solid #4c72b0;padding-bottom:.2em}h2{margin-top:2em;color:#2d4d80}
-table{border-collapse:collapse;margin:1em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.25em .6em;
-text-align:right}th{background:#eef2f8}td:first-child,th:first-child{text-align:left}
-figure{margin:1em 0}figure img{max-width:100%;border:1px solid #ddd}figcaption{font-size:.85em;color:#555}
-.note{background:#fff8e1;border-left:4px solid #f0b400;padding:.5em 1em}.ref{color:#7a4b00}h3{color:#2d4d80}a{color:#2d4d80}
-.text td,.text th{text-align:left}.text table{max-width:100%}
-"""
 
 
 @dataclass(frozen=True)
@@ -258,7 +248,7 @@ def write_participant_report(output_dir: Path | str, subject: str) -> Path:
     """
     from bssfp2dt.evaluation.subject_report import report_sections
     from bssfp2dt.io.derivatives import error_table_sidecar_path, find_error_tables, participant_report_path
-    from bssfp2dt.io.nifti import write_text
+    from bssfp2dt.io.atomic import write_text
 
     output_dir = Path(output_dir)
     report = participant_report_path(output_dir, subject)
@@ -365,23 +355,3 @@ def format_value(metric: str, value) -> str:
     """A statistic for display: relative errors in %, angles in deg, PSNR in dB; ``n/a`` when missing."""
     number, unit = format_number(metric, value), display_unit(metric)
     return number if number == "n/a" or unit == "-" else f"{number} {unit}"
-
-
-def html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """An HTML table; cells are escaped."""
-    head = "".join(f"<th>{html.escape(str(cell))}</th>" for cell in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>\n"
-                   for row in rows)
-    return f"<table>\n<tr>{head}</tr>\n{body}</table>"
-
-
-def html_figure(source: str, caption: str) -> str:
-    """A figure with a relative image path and an escaped caption."""
-    return (f'<figure><img src="{html.escape(source, quote=True)}" alt="{html.escape(caption, quote=True)}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-
-
-def html_page(title: str, body: str) -> str:
-    """A complete offline HTML page: inline CSS, no scripts, no external resources."""
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n'
-            f"<style>{CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")

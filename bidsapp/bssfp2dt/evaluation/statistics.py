@@ -70,7 +70,8 @@ class EvaluationEntities:
         """The identifying columns of a table row (modality as its desc label)."""
         from bssfp2dt.io.derivatives import MODALITY_DESC
 
-        return {"participant_id": f"sub-{self.subject}", "input_session": self.input_session, "dwi_session": self.dwi_session,
+        return {"participant_id": f"sub-{self.subject}", "input_session": self.input_session,
+                "dwi_session": self.dwi_session,
                 "modality": MODALITY_DESC.get(self.modality, self.modality)}
 
 

@@ -233,7 +233,7 @@ def report_sections(output_dir: Path | str, subject: str, report_dir: Path) -> d
 
 
 def _summary_section(context: Mapping[str, Any]) -> str:
-    from bssfp2dt.evaluation.report import html_table
+    from bssfp2dt.evaluation.pages import html_table
 
     if not context:
         return ('<h2 id="summary">Summary</h2><p class="note">No run record (report_context.json) in the log '
@@ -269,7 +269,7 @@ def describe_step(step: Mapping[str, Any]) -> str:
 
 
 def _model_section(model: Mapping[str, Any] | None) -> str:
-    from bssfp2dt.evaluation.report import html_table
+    from bssfp2dt.evaluation.pages import html_table
 
     if not model:
         return ""
@@ -282,7 +282,7 @@ def _model_section(model: Mapping[str, Any] | None) -> str:
 
 
 def _figures_section(output_dir: Path, subject: str, report_dir: Path, which: str) -> str:
-    from bssfp2dt.evaluation.report import html_figure
+    from bssfp2dt.evaluation.pages import html_figure
 
     folder = figures_dir(output_dir, subject)
     # subject-level figures (tissues, normalisation) first, then each session's, in session order

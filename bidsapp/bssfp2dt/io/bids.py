@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from bssfp2dt import modalities
 from bssfp2dt.errors import MissingInputError, NoFilesSelectedError, UsageError
 from bssfp2dt.io.nifti import effective_shape
 from bssfp2dt.messages import capped, path_problem
@@ -297,7 +298,7 @@ def _check_filter_entities(layout: "BIDSLayout", priors_layouts: list[tuple[str,
 def needed_kinds(input_modality: str) -> frozenset[str]:
     """Input kinds read for a modality; DWI is always read when present (reference / training target)."""
     kinds = {"t1w", "dwi", "fmap_epi", "probseg", "brain_mask"}
-    if input_modality in ("pc-bssfp", "bssfp"):
+    if modalities.get(input_modality).reads_bssfp:
         kinds |= {"bssfp_mag", "bssfp_phase"}
     return frozenset(kinds)
 
@@ -307,19 +308,20 @@ def require_inputs(subjects: Iterable[SubjectInputs], input_modality: str, train
 
     Raises :class:`MissingInputError` naming the subject and what it lacks.
     """
+    modality = modalities.get(input_modality)
     for subject in subjects:
         sessions = subject.sessions
         where = f"sub-{subject.subject}"
-        if input_modality in ("pc-bssfp", "bssfp") and not any(s.bssfp for s in sessions):
+        if modality.reads_bssfp and not any(s.bssfp for s in sessions):
             raise MissingInputError(
                 f"{where} has no pc-bSSFP magnitude+phase (anat/*_acq-pcbssfp_part-mag_T2w.nii.gz); add it, "
                 "drop the subject with --participant-label, or use --input-modality t1w")
         if not any(s.t1w for s in sessions):
             raise MissingInputError(f"{where} has no T1w (anat/*_T1w.nii.gz), which defines the output space; "
                                     "add one or drop the subject with --participant-label")
-        if (input_modality == "dwi-tensor" or training) and not any(s.dwi for s in sessions):
+        if (modality.needs_dwi or training) and not any(s.dwi for s in sessions):
             raise MissingInputError(f"{where} has no DWI (dwi/*_dwi.nii.gz), needed for "
-                                    f"{'training' if training else '--input-modality dwi-tensor'}; "
+                                    f"{'training' if training else f'--input-modality {modality.name}'}; "
                                     "add it or drop the subject with --participant-label")
 
 
@@ -396,9 +398,12 @@ def _bssfp(layout: "BIDSLayout", queries: Mapping[str, Mapping[str, Any]], subje
 
 def phase_increments(magnitude: Path, shape: tuple[int, ...], mag_meta: Mapping[str, Any], phase: Path,
                      phase_meta: Mapping[str, Any]) -> tuple[float, ...]:
-    """The RF phase increments (degrees, one per volume), checked against the 4th dimension (12 cycles).
+    """The RF phase increments (degrees, one per volume, in storage order), checked against the 4th
+    dimension (12 cycles).
 
-    Without a ``PhaseIncrements`` sidecar field, evenly spaced increments 360 k / N are assumed.
+    Without a ``PhaseIncrements`` sidecar field, evenly spaced increments 360 k / N are assumed. The
+    preprocessing sorts the cycles by these increments (:func:`bssfp2dt.preprocessing.bssfp.cycle_order`), so a
+    series stored in another order feeds the network's channels in the order it was trained with.
     """
     if len(shape) != 4 or shape[3] != N_PHASE_CYCLES:
         cycles = shape[3] if len(shape) == 4 else 1
@@ -420,7 +425,17 @@ def phase_increments(magnitude: Path, shape: tuple[int, ...], mag_meta: Mapping[
     if len(listed) == 2 and not np.allclose(listed[0], listed[1]):
         raise MissingInputError(f"bSSFP magnitude {magnitude} and phase {phase} list different PhaseIncrements; "
                                 "fix the sidecars")
-    return tuple(float(v) for v in listed[0])
+    increments = tuple(float(v) for v in listed[0])
+    wrapped = np.mod(increments, 360.0)
+    ordered = np.sort(wrapped)
+    if not np.allclose(ordered - ordered[0], 360.0 * np.arange(shape[3]) / shape[3], atol=0.5):
+        logger.warning("%s: the PhaseIncrements (%s degrees) are not %d evenly spaced cycles, the spacing the "
+                       "packaged models were trained with", magnitude.name,
+                       ", ".join(f"{v:g}" for v in increments), shape[3])
+    elif np.any(np.diff(wrapped) < 0):
+        logger.info("%s: cycles stored in another order than their PhaseIncrements; they are sorted by increment",
+                    magnitude.name)
+    return increments
 
 
 def phase_units(phase: Path, meta: Mapping[str, Any]) -> str:
@@ -519,13 +534,15 @@ def read_gradients(image: Path, bval: Path, bvec: Path, n_volumes: int) -> tuple
         b_values = np.loadtxt(bval, ndmin=1)
         b_vectors = np.loadtxt(bvec, ndmin=2)
     except ValueError as error:
-        raise MissingInputError(f"DWI {image}: cannot read {bval.name} / {bvec.name} ({error}); fix the files") from None
+        raise MissingInputError(f"DWI {image}: cannot read {bval.name} / {bvec.name} ({error}); "
+                                "fix the files") from None
     if b_values.ndim != 1 or b_values.size != n_volumes:
         raise MissingInputError(f"DWI {image} has {n_volumes} volumes but {bval} lists {b_values.size} b-values; "
                                 "fix the .bval")
     if b_vectors.shape != (3, n_volumes):
         raise MissingInputError(f"DWI {image} has {n_volumes} volumes but {bvec} holds a "
-                                f"{b_vectors.shape[0]}x{b_vectors.shape[1]} table (3x{n_volumes} expected); fix the .bvec")
+                                f"{b_vectors.shape[0]}x{b_vectors.shape[1]} table (3x{n_volumes} expected); "
+                                "fix the .bvec")
     if not np.all(np.isfinite(b_values)) or np.any(b_values < 0):
         raise MissingInputError(f"DWI {image}: {bval} holds negative or non-numeric b-values; fix the .bval")
     if not np.all(np.isfinite(b_vectors)):

@@ -8,7 +8,7 @@ values and decides per case (README "Reliability"):
   a mostly negative bSSFP magnitude (flipped sign), phase values outside their declared units;
 * **repair** with a warning that counts what was repaired: up to :data:`REPAIR_FRACTION` of the
   values non-finite (set to 0 when the image is read, :func:`finite`) or negative in the bSSFP
-  magnitude (set to 0 in :func:`bssfp2dt.preprocessing.pipeline.prepare_bssfp`);
+  magnitude (set to 0 in :func:`bssfp2dt.preprocessing.steps.prepare_bssfp`);
 * **drop an optional input**: a DWI whose gradient table cannot give a tensor (no diffusion-weighted
   volume, zero b-vectors, fewer than six independent directions) is only the evaluation's reference,
   so the prediction goes ahead and the evaluation is skipped with a warning. Training and
@@ -27,6 +27,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from bssfp2dt import modalities
 from bssfp2dt.errors import MissingInputError
 
 logger = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ def check_session(session, input_modality: str, dwi_required: bool):
     if session.t1w is not None:
         check_size(session.t1w.image, session.t1w.shape)
         _warn(session.t1w.image, check_values(session.t1w.image, summarise(volumes(session.t1w.image)), "T1w"))
-    if session.bssfp is not None and input_modality in ("pc-bssfp", "bssfp"):
+    if session.bssfp is not None and modalities.get(input_modality).reads_bssfp:
         bssfp = session.bssfp
         check_size(bssfp.magnitude, bssfp.shape)
         _warn(bssfp.magnitude, check_values(bssfp.magnitude, summarise(volumes(bssfp.magnitude)), "bSSFP magnitude",
@@ -255,7 +256,7 @@ def _warn(path: Path, repairs: list[str]) -> None:
 
 def check_subjects(subjects, input_modality: str, training: bool) -> tuple:
     """Content checks of every discovered subject (see the module docstring); returns the checked inputs."""
-    dwi_required = training or input_modality == "dwi-tensor"
+    dwi_required = training or modalities.get(input_modality).needs_dwi
     return tuple(dataclasses.replace(subject, sessions=tuple(check_session(session, input_modality, dwi_required)
                                                              for session in subject.sessions))
                  for subject in subjects)

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from bssfp2dt import __version__
+from bssfp2dt import __version__, modalities
 from bssfp2dt.errors import OutputError
 from bssfp2dt.io.naming import bids_filename, bids_path
 from bssfp2dt.io.nifti import save_nifti, write_json, write_text
@@ -46,8 +46,8 @@ BIDS_VERSION = "1.10.0"
 RAW_DATASET_KEY = "raw"  # BIDS URIs of inputs read "bids:raw:sub-01/..."
 SPACE = "T1w"
 # --input-modality value -> alphanumeric desc label of the outputs.
-MODALITY_DESC = {"pc-bssfp": "pcbssfp", "bssfp": "bssfp", "t1w": "t1w", "dwi-tensor": "dwi"}
-TENSOR_COMPONENT_ORDER = ("D11", "D12", "D13", "D22", "D23", "D33")  # BEP016 volume order
+MODALITY_DESC = {modality.name: modality.desc for modality in modalities.MODALITIES}
+TENSOR_COMPONENT_ORDER = modalities.TENSOR_COMPONENTS  # BEP016 volume order
 SCALAR_UNITS = {"fa": "ratio", "md": "mm^2/s", "ad": "mm^2/s", "rd": "mm^2/s",
                 "inclination": "deg", "azimuth": "deg"}
 SCALAR_DESCRIPTIONS = {
@@ -211,7 +211,8 @@ def bids_uri(path: Path | str, bids_dir: Path) -> str:
     into ``.git/annex``, and its URI must still name the BIDS path.
     """
     path = Path(path)
-    return f"bids:{RAW_DATASET_KEY}:{(path.parent.resolve() / path.name).relative_to(Path(bids_dir).resolve()).as_posix()}"
+    relative = (path.parent.resolve() / path.name).relative_to(Path(bids_dir).resolve())
+    return f"bids:{RAW_DATASET_KEY}:{relative.as_posix()}"
 
 
 def dataset_description(bids_dir: Path, environ: Mapping[str, str] | None = None) -> dict[str, Any]:

@@ -27,11 +27,6 @@ _INDEX = re.compile(r"[0-9]+")
 _ALLOWED_VALUES = {"mtransfer": ("on", "off"), "part": ("mag", "phase", "real", "imag"), "hemisphere": ("L", "R")}
 
 
-def strip_prefix(label: str, prefix: str) -> str:
-    """``'sub-01'`` -> ``'01'`` for prefix ``'sub'``; a bare label is returned unchanged."""
-    return label[len(prefix) + 1:] if label.startswith(prefix + "-") else label
-
-
 def bids_filename(suffix: str, extension: str = ".nii.gz", **entities: str | int | None) -> str:
     """Build a BIDS file name, e.g. ``bids_filename("T1w", subject="01", session="1")``.
 

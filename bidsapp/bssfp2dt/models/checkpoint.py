@@ -59,7 +59,7 @@ def save_release_checkpoint(path: Path | str, generator: Generator, *, config: d
     ``config``: the resolved run configuration; ``normalization``: preprocessing's normalisation
     parameters. Both must hold only plain values (tuples become lists); TypeError otherwise.
     """
-    from bssfp2dt.io.nifti import atomic_path  # lazy: keeps nibabel out of importing the models
+    from bssfp2dt.io.atomic import atomic_path
 
     if modality not in generator.heads:
         raise ValueError(f"generator has no head for {modality!r}")

@@ -16,11 +16,13 @@ import torch
 from monai.networks.nets import BasicUNet
 from torch import nn
 
+from bssfp2dt import modalities
+
 logger = logging.getLogger(__name__)
 
-MODALITY_CHANNELS: dict[str, int] = {"pc-bssfp": 24, "bssfp": 24, "t1w": 6, "dwi-tensor": 6}
+MODALITY_CHANNELS: dict[str, int] = {modality.name: modality.channels for modality in modalities.MODALITIES}
 HEAD_OUT_CHANNELS = 24  # every head maps its modality to this width, the backbone's input
-TENSOR_CHANNELS = 6
+TENSOR_CHANNELS = modalities.TENSOR_CHANNELS
 PATCH_MULTIPLE = 16  # 2**4 for the backbone's four 2x poolings
 
 

@@ -26,15 +26,16 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from bssfp2dt import modalities
 from bssfp2dt.errors import InputOutputError, MissingInputError
 from bssfp2dt.evaluation import figures
 from bssfp2dt.evaluation.reference_results import SOURCE, reference_text
-from bssfp2dt.evaluation.report import (REPORT_METRICS, display_unit, display_units, display_values, format_number,
-                                        html_figure, html_page, html_table)
+from bssfp2dt.evaluation.pages import html_figure, html_page, html_table
+from bssfp2dt.evaluation.report import REPORT_METRICS, display_unit, display_units, display_values, format_number
 from bssfp2dt.evaluation.statistics import BRAIN, COLUMNS, TISSUES, frame_to_tsv, read_table
 from bssfp2dt.io.derivatives import (find_error_tables, group_dir, group_errors_path, group_figure_path,
                                      group_report_path, group_summary_path)
-from bssfp2dt.io.nifti import remove_stale_temporaries, write_text
+from bssfp2dt.io.atomic import remove_stale_temporaries, write_text
 from bssfp2dt.messages import capped
 from bssfp2dt.pipeline.completion import finish_hint, incomplete_subjects
 
@@ -47,7 +48,7 @@ BOXPLOT_GROUPS = {"tensor-elements": ("diagonal", "offdiagonal"), "scalars": ("f
                   "angles": ("inclination", "azimuth", "v1angle")}
 #: The per-pair statistic the figures and the summary table show.
 SHOWN_STATISTIC = "median"
-MODALITY_ORDER = ("dwi", "pcbssfp", "bssfp", "t1w")
+MODALITY_ORDER = tuple(modality.desc for modality in modalities.REPORT_ORDER)  # desc labels
 
 
 def run_group(plan) -> int:

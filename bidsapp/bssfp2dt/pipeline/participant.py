@@ -30,6 +30,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from bssfp2dt import modalities
 from bssfp2dt.errors import Bssfp2dtError, MissingInputError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def check_participant(plan) -> dict[str, Any]:
 
 
 def run_participant(plan, device=None, model: LoadedModel | None = None) -> int:
-    """Process every subject of ``plan`` (:class:`bssfp2dt.config.RunPlan`); 0 when all succeeded.
+    """Process every subject of ``plan`` (:class:`bssfp2dt.pipeline.plan.RunPlan`); 0 when all succeeded.
 
     ``device`` and ``model`` come from :func:`check_participant` (run here when not given).
     """
@@ -187,9 +188,7 @@ def load_model(modality: str, model_path: Path | None, device) -> LoadedModel:
 
 
 def _require_normalization(normalization, modality: str) -> None:
-    groups = {"pc-bssfp": ("magnitude", "phase"), "bssfp": ("magnitude", "phase"), "t1w": ("t1w",),
-              "dwi-tensor": ()}[modality]
-    for group in groups + ("tensor_diagonal", "tensor_offdiagonal"):
+    for group in modalities.get(modality).groups + modalities.TENSOR_GROUPS:
         normalization.require(group)
 
 
@@ -214,7 +213,7 @@ def process_subject(plan, subject_inputs, model: LoadedModel, device) -> list[Pa
         if not _has_input(session, model.modality):
             logger.info("sub-%s ses-%s: no %s input, nothing to predict", label, session.session, model.modality)
             continue
-        if model.modality in ("pc-bssfp", "bssfp"):
+        if modalities.get(model.modality).reads_bssfp:
             check_registered_bssfp(session, raw_sessions[session.session].bssfp)
         tensor, files = predict_session(config, session, raw_sessions[session.session], model, device)
         predictions[session.session] = (tensor, files.diffusivity)
@@ -236,9 +235,9 @@ def remove_interrupted_writes(output_dir: Path, label: str) -> list[Path]:
 
     Looks in ``sub-<label>/`` (recursively), ``figures/`` and ``output_dir`` itself; only names of this
     subject (``sub-<label>_*``, ``sub-<label>.html``) and of the dataset-level files are touched, and
-    never a file a live process is writing (see :func:`bssfp2dt.io.nifti.remove_stale_temporaries`).
+    never a file a live process is writing (see :func:`bssfp2dt.io.atomic.remove_stale_temporaries`).
     """
-    from bssfp2dt.io.nifti import remove_stale_temporaries
+    from bssfp2dt.io.atomic import remove_stale_temporaries
 
     output_dir = Path(output_dir)
     prefix = f"sub-{label}"
@@ -256,11 +255,7 @@ def remove_interrupted_writes(output_dir: Path, label: str) -> list[Path]:
 
 
 def _has_input(session, modality: str) -> bool:
-    if modality in ("pc-bssfp", "bssfp"):
-        return session.bssfp is not None
-    if modality == "dwi-tensor":
-        return session.tensor is not None
-    return session.t1w is not None
+    return getattr(session, modalities.get(modality).source) is not None
 
 
 def network_input(session, modality: str, normalization, mask: np.ndarray) -> np.ndarray:
@@ -274,10 +269,9 @@ def network_input(session, modality: str, normalization, mask: np.ndarray) -> np
 
 def modality_image(session, modality: str) -> Path:
     """The preprocessed image of ``session`` that feeds ``modality``; UsageError for an unknown modality."""
-    paths = {"pc-bssfp": session.bssfp, "bssfp": session.bssfp, "t1w": session.t1w, "dwi-tensor": session.tensor}
-    if modality not in paths:
+    if modality not in modalities.BY_NAME:
         raise UsageError(f"--input-modality {modality!r} has no network input")
-    return paths[modality]
+    return getattr(session, modalities.BY_NAME[modality].source)
 
 
 def predict_tensor(config, session, model: LoadedModel, device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -377,9 +371,10 @@ def _sources(raw_session, modality: str, bids_dir: Path) -> list[str]:
     from bssfp2dt.io.derivatives import bids_uri
 
     files = [raw_session.t1w.image]
-    if modality in ("pc-bssfp", "bssfp") and raw_session.bssfp is not None:
+    spec = modalities.get(modality)
+    if spec.reads_bssfp and raw_session.bssfp is not None:
         files += [raw_session.bssfp.magnitude, raw_session.bssfp.phase]
-    if modality == "dwi-tensor" and raw_session.dwi is not None:
+    if spec.needs_dwi and raw_session.dwi is not None:
         files += [raw_session.dwi.image, raw_session.dwi.bval, raw_session.dwi.bvec]
     uris = []
     for path in files:
@@ -438,13 +433,13 @@ class SubjectLog:
     """Context manager: copy the package's log records to ``sub-<label>/log/<run_uuid>/participant.log``."""
 
     def __init__(self, config, label: str):
-        from bssfp2dt.cli.common import LOG_FORMAT
+        from bssfp2dt.messages import LOG_DATE_FORMAT, LOG_FORMAT
         from bssfp2dt.io.derivatives import subject_log_dir
 
         folder = subject_log_dir(config.paths.output_dir, label, config.run.run_uuid)
         folder.mkdir(parents=True, exist_ok=True)
         self.handler = logging.FileHandler(folder / LOG_NAME, encoding="utf-8")
-        self.handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+        self.handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt=LOG_DATE_FORMAT))
         self.handler.setLevel(logging.DEBUG if config.run.verbosity >= 1 else logging.INFO)
 
     def __enter__(self):
@@ -460,7 +455,7 @@ class SubjectLog:
 def write_crash_file(config, label: str, error: BaseException) -> Path:
     """Write the error and its traceback to ``sub-<label>/log/<run_uuid>/crash-<time>-participant.txt``."""
     from bssfp2dt.io.derivatives import subject_log_dir
-    from bssfp2dt.io.nifti import write_text
+    from bssfp2dt.io.atomic import write_text
 
     folder = subject_log_dir(config.paths.output_dir, label, config.run.run_uuid)
     path = folder / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-sub-{label}-participant.txt"

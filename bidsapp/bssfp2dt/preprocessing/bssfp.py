@@ -149,6 +149,22 @@ def remove_gibbs(volume: np.ndarray, mode: str = "complex", slice_axis: int = 2,
     return correct(np.abs(volume)) * np.exp(1j * np.angle(volume))
 
 
+def cycle_order(increments_deg) -> tuple[int, ...]:
+    """The volume order that sorts the phase cycles by RF phase increment, ascending modulo 360 degrees.
+
+    The network's channels follow the cycles in this order (0, 30, ..., 330 degrees for the packaged models),
+    so a series stored in another order (the sidecar's ``PhaseIncrements`` says which) is reordered before
+    anything else. Ties keep their stored order.
+
+    Args:
+        increments_deg: ``(C,)`` the increment of each stored volume, degrees.
+    Returns:
+        ``C`` volume indices; ``volumes[..., order]`` is the sorted series.
+    """
+    increments = np.mod(np.asarray(increments_deg, dtype=np.float64), 360.0)
+    return tuple(int(index) for index in np.argsort(increments, kind="stable"))
+
+
 def interleave_channels(magnitude: np.ndarray, phase: np.ndarray) -> np.ndarray:
     """Network input: magnitude and phase alternated along the last axis (m0, p0, m1, p1, ...).
 
@@ -186,25 +202,3 @@ def single_bssfp(cycles: np.ndarray, n_cycles: int = N_PHASE_CYCLES) -> np.ndarr
     """
     cycles = np.asarray(cycles)
     return np.repeat(cycles[..., :1], n_cycles, axis=-1)
-
-
-def prepare_cycles(magnitude: np.ndarray, phase: np.ndarray, phase_units: str = "arbitrary",
-                   mask: np.ndarray | None = None, gibbs: bool = True,
-                   gibbs_mode: str = "complex") -> np.ndarray:
-    """The bSSFP steps before registration: phase rescale, complex, global phase, Gibbs.
-
-    Args:
-        magnitude: ``(X, Y, Z, C)`` arbitrary units.
-        phase: ``(X, Y, Z, C)`` scanner integers or radians (see ``phase_units``).
-        phase_units: "arbitrary" or "rad".
-        mask: optional boolean ``(X, Y, Z)`` for the global-phase sums.
-        gibbs: apply :func:`remove_gibbs`.
-        gibbs_mode: "complex" or "magnitude".
-    Returns:
-        complex128 ``(X, Y, Z, C)``.
-    """
-    signal = to_complex(magnitude, rescale_phase(phase, phase_units))
-    signal = remove_global_phase(signal, mask)
-    if gibbs:
-        signal = remove_gibbs(signal, mode=gibbs_mode)
-    return signal

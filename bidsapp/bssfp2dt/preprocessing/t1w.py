@@ -34,8 +34,8 @@ def brain_mask(t1w: np.ndarray, median_radius: int = 4, numpass: int = 4, closin
     median_otsu (median filter + Otsu threshold) needs no template or trained model, so it works
     offline on any T1w. It separates head from background, not brain from skull: give it an image
     whose background is dark (for MP2RAGE, the background-suppressed UNI or the INV2-weighted one,
-    not the raw UNI with its salt-and-pepper background). The result is reduced to its largest connected component (drops stray noise islands) and
-    holes are filled (ventricles are dark in T1w and must stay inside).
+    not the raw UNI with its salt-and-pepper background). The result is reduced to its largest connected
+    component (drops stray noise islands) and holes are filled (ventricles are dark in T1w and must stay inside).
 
     Args:
         t1w: ``(X, Y, Z)``.

@@ -1,7 +1,7 @@
 """The cached, resumable per-subject preprocessing workflow (nipype) and its entry point.
 
 One nipype workflow per subject, ``base_dir`` = the run's work directory. Nodes are Function nodes
-wrapping the steps of :mod:`bssfp2dt.preprocessing.pipeline`; each writes its files into its own node
+wrapping the steps of :mod:`bssfp2dt.preprocessing.steps`; each writes its files into its own node
 folder ``<work_dir>/preproc_sub_<label>/<node>/``. The T1w nodes exist once per distinct T1w image
 (usually one per subject, shared by all sessions); bSSFP, DWI and summary nodes once per session.
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,9 +30,10 @@ from typing import Any, Iterator, Sequence
 import nibabel as nib
 import numpy as np
 
+from bssfp2dt import modalities
 from bssfp2dt.errors import MissingInputError
-from bssfp2dt.pipeline.node_errors import is_dwi_node, node_failures, preprocessing_error
-from bssfp2dt.preprocessing.pipeline import PreprocSettings, check_settings
+from bssfp2dt.preprocessing.node_errors import is_dwi_node, node_failures, node_label, preprocessing_error
+from bssfp2dt.preprocessing.steps import PreprocSettings, check_settings
 
 logger = logging.getLogger(__name__)
 
@@ -85,52 +85,52 @@ class PreprocessedSubject:
 # --------------------------------------------------------------------------- node functions
 # nipype runs Function nodes from their source text, so each imports what it needs itself.
 def _t1w_mask_node(t1w, prior_mask):
-    from bssfp2dt.preprocessing.pipeline import t1w_mask
+    from bssfp2dt.preprocessing.steps import t1w_mask
     return t1w_mask(t1w, prior_mask)
 
 
 def _t1w_grid_node(t1w, mask, voxel_mm):
-    from bssfp2dt.preprocessing.pipeline import t1w_to_grid
+    from bssfp2dt.preprocessing.steps import t1w_to_grid
     return t1w_to_grid(t1w, mask, voxel_mm)
 
 
 def _tissue_node(t1w_grid, mask_grid, gm, wm, csf):
-    from bssfp2dt.preprocessing.pipeline import tissue_maps
+    from bssfp2dt.preprocessing.steps import tissue_maps
     return tissue_maps(t1w_grid, mask_grid, gm, wm, csf)
 
 
-def _bssfp_prepare_node(magnitude, phase, phase_units, settings):
-    from bssfp2dt.preprocessing.pipeline import prepare_bssfp
-    return prepare_bssfp(magnitude, phase, phase_units, settings)
+def _bssfp_prepare_node(magnitude, phase, phase_units, settings, cycle_order):
+    from bssfp2dt.preprocessing.steps import prepare_bssfp
+    return prepare_bssfp(magnitude, phase, phase_units, settings, cycle_order=cycle_order)
 
 
 def _register_node(t1w, moving, settings, what):
-    from bssfp2dt.preprocessing.pipeline import register_to_t1w
+    from bssfp2dt.preprocessing.steps import register_to_t1w
     return register_to_t1w(t1w, moving, settings, what)
 
 
 def _bssfp_grid_node(complex_path, transform_json, t1w_grid, mask_grid, settings):
-    from bssfp2dt.preprocessing.pipeline import bssfp_to_grid
+    from bssfp2dt.preprocessing.steps import bssfp_to_grid
     return bssfp_to_grid(complex_path, transform_json, t1w_grid, mask_grid, settings)
 
 
 def _dwi_prepare_node(dwi, bval, bvec, settings, reverse_pe_b0=None):
-    from bssfp2dt.preprocessing.pipeline import preprocess_dwi
+    from bssfp2dt.preprocessing.steps import preprocess_dwi
     return preprocess_dwi(dwi, bval, bvec, settings, reverse_pe_b0=reverse_pe_b0)
 
 
 def _tensor_fit_node(dwi, bval, bvec, mask):
-    from bssfp2dt.preprocessing.pipeline import fit_dwi_tensor
+    from bssfp2dt.preprocessing.steps import fit_dwi_tensor
     return fit_dwi_tensor(dwi, bval, bvec, mask)
 
 
 def _tensor_grid_node(tensor, transform_json, t1w_grid, mask_grid):
-    from bssfp2dt.preprocessing.pipeline import tensor_to_grid
+    from bssfp2dt.preprocessing.steps import tensor_to_grid
     return tensor_to_grid(tensor, transform_json, t1w_grid, mask_grid)
 
 
 def _collect_node(subject, session, t1w_session, t1w, brain_mask, gm, wm, csf, bssfp, tensor, provenance, inputs):
-    from bssfp2dt.preprocessing.pipeline import collect_session
+    from bssfp2dt.preprocessing.steps import collect_session
     outputs = {"t1w": t1w, "brain_mask": brain_mask, "gm": gm, "wm": wm, "csf": csf, "bssfp": bssfp,
                "tensor": tensor, "t1w_session": t1w_session}
     return collect_session(subject, session, outputs, provenance, inputs)
@@ -160,13 +160,9 @@ def memory_estimate_gb(image: str | Path, bytes_per_value: int, copies: float) -
     return round(0.5 + values * bytes_per_value * copies / 2 ** 30, 2)
 
 
-def _node_label(label: str | None) -> str:
-    return re.sub(r"[^A-Za-z0-9]", "", label) if label else "nosession"
-
-
 def workflow_name(subject: str) -> str:
     """Folder of the subject's workflow under the work directory."""
-    return f"preproc_sub_{_node_label(subject)}"
+    return f"preproc_sub_{node_label(subject)}"
 
 
 def build_workflow(subject_inputs, settings: PreprocSettings, work_dir: Path, crash_dir: Path,
@@ -201,7 +197,7 @@ def build_workflow(subject_inputs, settings: PreprocSettings, work_dir: Path, cr
         if t1w_path not in t1w_nodes:
             t1w_nodes[t1w_path] = _t1w_branch(workflow, session, len(t1w_nodes), settings.voxel_mm)
         grid, tissue = t1w_nodes[t1w_path]
-        tag = _node_label(session.session)
+        tag = node_label(session.session)
         merge = Node(Merge(3), name=f"provenance_ses{tag}")
         workflow.connect(grid, "provenance", merge, "in1")
         workflow.connect(tissue, "provenance", merge, "in2")
@@ -258,9 +254,12 @@ def _t1w_branch(workflow, session, index: int, voxel_mm: float):
 
 
 def _bssfp_branch(workflow, session, tag: str, options: dict, grid, collector):
+    from bssfp2dt.preprocessing.bssfp import cycle_order
+
     bssfp = session.bssfp
     prepare = _function_node(_bssfp_prepare_node, {"magnitude": str(bssfp.magnitude), "phase": str(bssfp.phase),
-                                                   "phase_units": bssfp.phase_units, "settings": options},
+                                                   "phase_units": bssfp.phase_units, "settings": options,
+                                                   "cycle_order": list(cycle_order(bssfp.phase_increments_deg))},
                              ["complex_path", "reference", "provenance"], f"bssfp_prepare_ses{tag}",
                              mem_gb=memory_estimate_gb(bssfp.magnitude, 16, 6))  # complex128 and its copies
     register = _function_node(_register_node, {"t1w": str(session.t1w.image), "moving": _CONNECTED,
@@ -337,13 +336,13 @@ class _NodeErrorFilter(logging.Filter):
 
 def settings_from_config(config) -> PreprocSettings:
     """Preprocessing settings implied by a run :class:`bssfp2dt.config.Config`."""
-    from bssfp2dt.preprocessing.pipeline import motion_settings, registration_settings
+    from bssfp2dt.preprocessing.steps import motion_settings, registration_settings
     from bssfp2dt.preprocessing.unringing import resolve_method
 
     options = config.preprocessing
     gibbs = options.unringing_method != "none"
     backend = getattr(options, "registration_backend", "ants")
-    return PreprocSettings(single_bssfp=config.selection.input_modality == "bssfp", gibbs=gibbs,
+    return PreprocSettings(single_bssfp=modalities.get(config.selection.input_modality).single_cycle, gibbs=gibbs,
                            unringing=resolve_method(options.unringing_method if gibbs else "auto"),
                            motion_correction=options.hmc_model != "none",
                            registration=registration_settings(backend), motion_registration=motion_settings(backend),
@@ -354,7 +353,7 @@ def settings_from_config(config) -> PreprocSettings:
 def threads_for_nodes(omp_nthreads: int, nprocs: int = 1) -> Iterator[None]:
     """Set ``THREADS_ENV`` and ``NPROCS_ENV`` for the nodes run inside (MultiProc workers inherit them),
     then restore them."""
-    from bssfp2dt.preprocessing.pipeline import NPROCS_ENV, THREADS_ENV
+    from bssfp2dt.preprocessing.steps import NPROCS_ENV, THREADS_ENV
 
     values = {THREADS_ENV: str(int(omp_nthreads)), NPROCS_ENV: str(int(nprocs))}
     previous = {name: os.environ.get(name) for name in values}
@@ -373,7 +372,7 @@ def run_preprocessing(plan_or_config, subject_inputs, settings: PreprocSettings 
     """Preprocess one subject through the cached workflow; write ``desc-preproc`` outputs on request.
 
     Args:
-        plan_or_config: :class:`bssfp2dt.config.RunPlan` or :class:`bssfp2dt.config.Config` (work dir,
+        plan_or_config: :class:`bssfp2dt.pipeline.plan.RunPlan` or :class:`bssfp2dt.config.Config` (work dir,
             output dir, run uuid, ``--nprocs``, ``--write-preproc``, verbosity).
         subject_inputs: :class:`bssfp2dt.io.bids.SubjectInputs` of the subject.
         settings: preprocessing choices (default: :func:`settings_from_config`).
@@ -419,7 +418,7 @@ def run_preprocessing(plan_or_config, subject_inputs, settings: PreprocSettings 
 def _dwi_required(config) -> bool:
     """Training and ``--input-modality dwi-tensor`` need the DWI; otherwise it is optional."""
     training = getattr(getattr(config, "training", None), "stage", None)
-    return bool(training) or config.selection.input_modality == "dwi-tensor"
+    return bool(training) or modalities.get(config.selection.input_modality).needs_dwi
 
 
 def _without_dwi(subject_inputs):
@@ -480,7 +479,7 @@ def write_preprocessed(subject: PreprocessedSubject, config) -> list[Path]:
         sources = _sources(record, config.paths.bids_dir)
         reference = sources[0] if sources else ""
         names = derivatives.preproc_paths(subject.subject, session.session, root)
-        standard = derivatives.tensor_map_paths(subject.subject, session.session, "pcbssfp", root)
+        standard = derivatives.tensor_map_paths(subject.subject, session.session, modalities.DEFAULT.name, root)
         t1w, affine = _array(session.t1w)
         note = "not normalised; resampled to the common 2 mm T1w-space grid"
         written.append(derivatives.write_image(t1w, affine, names.t1w, derivatives.preproc_sidecar(
@@ -498,7 +497,8 @@ def write_preprocessed(subject: PreprocessedSubject, config) -> list[Path]:
                 extra={"OrientationEncoding": {"Type": "tensor", "TensorRank": 2, "EncodingAxis": 3,
                                                "Reference": "xyz"}})))
         maps = {name: _array(getattr(session, name))[0] for name in ("gm", "wm", "csf", "brain_mask")}
-        written.extend(derivatives.write_tensor_outputs(standard, maps, affine, sources, reference, "pc-bssfp"))
+        written.extend(derivatives.write_tensor_outputs(standard, maps, affine, sources, reference,
+                                                        modalities.DEFAULT.name))
         log_dir = derivatives.subject_log_dir(root, subject.subject, config.run.run_uuid)
         written.append(write_json(record, log_dir / session.provenance.name))
     logger.info("sub-%s: wrote %d preprocessed images", subject.subject, len(written))

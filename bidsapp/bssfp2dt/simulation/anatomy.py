@@ -54,7 +54,8 @@ class Anatomy(abc.ABC):
         """Boolean volume ``shape``: voxels whose template position (4x4 affine ``template_from_voxel``)
         may lie within ``pad_mm`` of brain tissue. Cheap and conservative."""
         index = np.indices(shape, dtype=np.float32).reshape(3, -1).T
-        points = index @ template_from_voxel[:3, :3].T.astype(np.float32) + template_from_voxel[:3, 3].astype(np.float32)
+        linear = template_from_voxel[:3, :3].T.astype(np.float32)
+        points = index @ linear + template_from_voxel[:3, 3].astype(np.float32)
         return self.near_brain(points, pad_mm).reshape(shape)
 
     @abc.abstractmethod

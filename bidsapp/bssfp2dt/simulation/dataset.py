@@ -205,7 +205,8 @@ class SubjectWriter:
         dwi_path = self._path(self.root, "dwi", "dwi", session=scan.session)
         self._save(image, grid.affine, dwi_path, dtype=np.uint16)
         bvecs_voxel = np.asarray(scan.bvecs_scanner) @ grid.axes_in_world  # BIDS: bvecs in voxel axes
-        write_text(" ".join(f"{b:g}" for b in scan.bvals) + "\n", dwi_path.with_name(dwi_path.name.replace(".nii.gz", ".bval")))
+        write_text(" ".join(f"{b:g}" for b in scan.bvals) + "\n",
+                   dwi_path.with_name(dwi_path.name.replace(".nii.gz", ".bval")))
         write_text("\n".join(" ".join(f"{v:.6f}" for v in row) for row in bvecs_voxel.T) + "\n",
                    dwi_path.with_name(dwi_path.name.replace(".nii.gz", ".bvec")))
         readout = {"PhaseEncodingDirection": "j-", "TotalReadoutTime": p.dwi_total_readout_time,
@@ -237,7 +238,8 @@ class SubjectWriter:
         path = self._path(self.root, "anat", "T1w", session=scan.session)
         self._save(image_t1w(self.subject, scan, tissue, grid, self.rng), grid.affine, path, dtype=np.uint16)
         write_json({"MagneticFieldStrength": self.protocol.field_strength_t, "RepetitionTime": 5.0,
-                    "PulseSequenceType": "MP2RAGE (UNI image)", "Manufacturer": "bssfp2dt-simulate"}, sidecar_path(path))
+                    "PulseSequenceType": "MP2RAGE (UNI image)", "Manufacturer": "bssfp2dt-simulate"},
+                   sidecar_path(path))
 
     # -- truth in T1w space -------------------------------------------------------------------------
     def _write_t1w_space_truth(self) -> None:
@@ -309,7 +311,8 @@ def _write_dataset_files(root: Path, config: SimulationConfig, anatomy: Anatomy)
     write_json({"participant_id": {"Description": "simulated subject"},
                 "regime": {"Description": "simulation regime (realistic or easy)"},
                 "orientation_gain": {"Description": "scale of the fibre-orientation frequency shifts (1 = physical)"},
-                "head_pitch_deg": {"Description": "head tilt about the left-right axis relative to B0", "Units": "deg"}},
+                "head_pitch_deg": {"Description": "head tilt about the left-right axis relative to B0",
+                                   "Units": "deg"}},
                root / "participants.json")
     readme = _README.format(version=__version__, config=config)
     if anatomy.name == "mni":

@@ -132,7 +132,7 @@ class ImageGrid:
 def axis_aligned_grid(lo: np.ndarray, hi: np.ndarray, voxel_mm: float, flip_x: bool) -> ImageGrid:
     """A grid covering the box [lo, hi] (mm) with isotropic voxels; ``flip_x`` stores it LAS (as
     DICOM converters usually do, negative determinant) instead of RAS."""
-    shape = tuple(int(np.ceil((h - l) / voxel_mm)) + 1 for l, h in zip(lo, hi))
+    shape = tuple(int(np.ceil((h - low) / voxel_mm)) + 1 for low, h in zip(lo, hi))
     affine = np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0])
     centre = (np.asarray(lo) + np.asarray(hi)) / 2.0
     affine[:3, 3] = centre - voxel_mm * (np.asarray(shape) - 1) / 2.0

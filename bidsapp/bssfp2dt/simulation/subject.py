@@ -100,7 +100,8 @@ class SmoothField:
 
     def __call__(self, points: np.ndarray) -> np.ndarray:
         r = (points - np.asarray(self.centre, dtype=np.float32)) / np.float32(self.radius)
-        return self.constant + r @ np.asarray(self.linear, dtype=np.float32) + self.quadratic * np.einsum("ni,ni->n", r, r)
+        return (self.constant + r @ np.asarray(self.linear, dtype=np.float32)
+                + self.quadratic * np.einsum("ni,ni->n", r, r))
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ import torch
 import torchio as tio
 from torch.utils.data import DataLoader, Sampler
 
+from bssfp2dt import modalities
 from bssfp2dt.errors import UsageError
 from bssfp2dt.models.generator import MODALITY_CHANNELS, PATCH_MULTIPLE, TENSOR_CHANNELS
 from bssfp2dt.preprocessing import normalization as norm
@@ -77,14 +78,13 @@ def input_sessions(subject, modality: str) -> list[tuple[Any, Path]]:
     ``subject``: :class:`bssfp2dt.preprocessing.workflow.PreprocessedSubject`. T1w sessions sharing one
     T1w image count once.
     """
-    if modality in ("pc-bssfp", "bssfp"):
-        return [(session, session.bssfp) for session in subject.sessions if session.bssfp is not None]
-    if modality == "dwi-tensor":
-        return [(session, session.tensor) for session in subject.sessions if session.tensor is not None]
-    if modality == "t1w":
-        seen: dict[Path, Any] = {}
+    spec = modalities.BY_NAME.get(modality)
+    if spec is not None:
+        seen: dict[Path, Any] = {}  # sessions sharing one image (the subject's T1w) count once
         for session in subject.sessions:
-            seen.setdefault(Path(session.t1w), session)
+            image = getattr(session, spec.source)
+            if image is not None:
+                seen.setdefault(Path(image), session)
         return [(session, path) for path, session in seen.items()]
     raise UsageError(f"--input-modality {modality!r} cannot be trained; use one of {', '.join(MODALITY_CHANNELS)}")
 
@@ -94,7 +94,7 @@ def pair_sessions(subject, modality: str) -> list[TrainingPair]:
     targets = [session for session in subject.sessions if session.tensor is not None]
     pairs = []
     for source, path in input_sessions(subject, modality):
-        partners = [source] if modality == "dwi-tensor" else targets
+        partners = [source] if modality == modalities.AUTOENCODER.name else targets
         for target in partners:
             if not _same_grid(source.brain_mask, target.brain_mask):
                 logger.warning("sub-%s: ses-%s and ses-%s are on different grids (different T1w images): not "
@@ -388,8 +388,9 @@ class MagnitudeBiasField(tio.transforms.Transform):
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
         image = subject["input"]
         data = image.data
-        channels = (list(range(0, data.shape[0], 2)) if self.modality in ("pc-bssfp", "bssfp")
-                    else list(range(data.shape[0])) if self.modality == "t1w" else [])
+        groups = modalities.get(self.modality).groups
+        channels = (list(range(0, data.shape[0], 2)) if "magnitude" in groups  # interleaved magnitude/phase
+                    else list(range(data.shape[0])) if "t1w" in groups else [])
         updated = data.clone()
         updated[channels] = data[channels] * polynomial_bias_field(data.shape[1:], self.coefficients)
         image.set_data(updated)

@@ -28,6 +28,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from bssfp2dt import modalities
 from bssfp2dt.models.checkpoint import save_release_checkpoint
 from bssfp2dt.models.discriminator import build_discriminator
 from bssfp2dt.models.generator import Generator
@@ -40,7 +41,7 @@ from bssfp2dt.training.stages import Stage, apply_stage, get_stage, stage_modali
 logger = logging.getLogger(__name__)
 
 _SEED_STRIDE = 1_000_003  # a prime, so (seed, step) pairs give distinct per-step seeds
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = modalities.LR_SCHEDULES
 COSINE_FINAL_FRACTION = 0.01  # the cosine schedule ends at 1 % of the starting rate
 VALIDATION_WM_PROBABILITY = 0.8  # white matter for the validation errors: pipeline WM probability above this
 #: Weights of the white-matter errors in ``val_loss`` of volume validation: 30 degrees of V1 angle count as
@@ -89,7 +90,8 @@ class Bssfp2dtGAN(L.LightningModule):
             "perceptual_weights": None if perceptual_weights is None else str(perceptual_weights),
             "learning_rate": self.learning_rate, "weight_decay": weight_decay, "data_range": data_range,
             "seed": seed, "lr_schedule": lr_schedule, "recipe": self.recipe.name,
-            "generator_options": {"norm": generator.size.norm, "structure_scales": list(generator.size.structure_scales),
+            "generator_options": {"norm": generator.size.norm,
+                                  "structure_scales": list(generator.size.structure_scales),
                                   "dropout": generator.size.dropout},
         })
 

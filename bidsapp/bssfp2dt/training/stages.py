@@ -17,6 +17,7 @@ from pathlib import Path
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bssfp2dt import modalities
 from bssfp2dt.errors import UsageError
 from bssfp2dt.models.checkpoint import load_release_checkpoint
 from bssfp2dt.models.generator import Generator, GeneratorSize, build_generator
@@ -64,7 +65,7 @@ class Stage:
 
 STAGES: dict[str, Stage] = {
     "direct": Stage("direct", None, TRAINS_ALL, None, 1e-4),
-    "autoencoder": Stage("autoencoder", "dwi-tensor", TRAINS_ALL, None, 1e-4),
+    "autoencoder": Stage("autoencoder", modalities.AUTOENCODER.name, TRAINS_ALL, None, 1e-4),
     "head": Stage("head", None, TRAINS_HEAD, "autoencoder", 1e-4),
     "finetune": Stage("finetune", None, TRAINS_ALL, "head", 1e-5, also_from=("direct", "finetune")),
 }

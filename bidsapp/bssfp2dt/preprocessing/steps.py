@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -255,8 +255,12 @@ def tissue_maps(t1w_grid: str, mask_grid: str, gm: str | None = None, wm: str | 
 
 # --------------------------------------------------------------------------- bSSFP
 def prepare_bssfp(magnitude: str, phase: str, phase_units: str, settings: Mapping[str, Any],
-                  out_dir: str = ".") -> tuple[str, str, dict]:
-    """Phase rescale -> complex -> per-cycle global phase removal -> Gibbs (complex), native grid.
+                  out_dir: str = ".", cycle_order: Sequence[int] | None = None) -> tuple[str, str, dict]:
+    """Cycles sorted by phase increment -> phase rescale -> complex -> per-cycle global phase removal ->
+    Gibbs (complex), native grid.
+
+    ``cycle_order``: the stored volumes in ascending phase-increment order
+    (:func:`bssfp2dt.preprocessing.bssfp.cycle_order` of the sidecar's ``PhaseIncrements``); None: as stored.
 
     Returns:
         (complex64 ``(X, Y, Z, C)`` path, mean-magnitude ``(X, Y, Z)`` path (the registration image),
@@ -269,6 +273,9 @@ def prepare_bssfp(magnitude: str, phase: str, phase_units: str, settings: Mappin
     magnitude_data, affine = _load(magnitude)
     magnitude_data = np.maximum(magnitude_data, 0)  # the few negative values input checks allowed become 0
     phase_data, _ = _load(phase)
+    reordered = cycle_order is not None and list(cycle_order) != list(range(magnitude_data.shape[-1]))
+    if reordered:  # the network's channels follow the increments, not the storage order
+        magnitude_data, phase_data = magnitude_data[..., list(cycle_order)], phase_data[..., list(cycle_order)]
     signal = bssfp.to_complex(magnitude_data, bssfp.rescale_phase(phase_data, phase_units))
     phases = bssfp.global_phases(signal)
     signal = signal * np.exp(-1j * phases)
@@ -277,9 +284,11 @@ def prepare_bssfp(magnitude: str, phase: str, phase_units: str, settings: Mappin
                                     method=options.unringing)
     complex_path = _save(signal, affine, out_dir, "bssfp_complex.nii.gz", dtype=np.complex64)
     reference_path = _save(np.abs(signal).mean(axis=-1), affine, out_dir, "bssfp_mean_magnitude.nii.gz")
-    return complex_path, reference_path, timer.done({
-        "phase_units": phase_units, "global_phases_rad": phases.tolist(),
-        "gibbs": _gibbs_record(options, "complex: real and imaginary parts")})
+    record = {"phase_units": phase_units, "global_phases_rad": phases.tolist(),
+              "gibbs": _gibbs_record(options, "complex: real and imaginary parts")}
+    if reordered:  # recorded only when it happened, so the records of ordered series stay as they were
+        record["cycle_order"] = [int(index) for index in cycle_order]
+    return complex_path, reference_path, timer.done(record)
 
 
 def _gibbs_record(options: PreprocSettings, what: str) -> str:
@@ -371,13 +380,6 @@ def bssfp_to_grid(complex_path: str, transform_json: str, t1w_grid: str, mask_gr
 
 
 # --------------------------------------------------------------------------- DWI
-def fsl_available() -> bool:
-    """Whether FSL's topup and eddy can run (``FSLDIR`` set, binaries in ``$FSLDIR/bin``, fslpy installed)."""
-    from bssfp2dt.preprocessing.fsl import fsl_status
-
-    return fsl_status("reverse-PE b0 not checked here") is None
-
-
 def preprocess_dwi(dwi: str, bval: str, bvec: str, settings: Mapping[str, Any],
                    out_dir: str = ".", reverse_pe_b0: str | None = None) -> tuple[str, str, str, str, dict]:
     """(topup + eddy) -> Gibbs -> (denoise) -> motion correction with b-vector rotation -> mask, native grid.

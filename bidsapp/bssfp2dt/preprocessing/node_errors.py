@@ -29,6 +29,12 @@ _EXCEPTION_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception)): (.*)$")
 _NODE_LINE = re.compile(r"^Node: (?:[\w]+\.)?(\w+)$")
 
 
+def node_label(label: str | None) -> str:
+    """The part of a workflow node's name that names a session (or a subject): its label's letters and digits,
+    ``nosession`` for datasets without sessions."""
+    return re.sub(r"[^A-Za-z0-9]", "", label) if label else "nosession"
+
+
 @dataclass(frozen=True)
 class NodeFailure:
     """One failed node: its name, the exception type (dotted) and message, and the crash file."""
@@ -66,8 +72,6 @@ def node_failures(crash_dir: Path, since: float) -> list[NodeFailure]:
 
 def node_input(node: str, subject_inputs) -> tuple[str, Path] | None:
     """``(role, raw file)`` a preprocessing node works on, from its name (see the workflow's node names)."""
-    from bssfp2dt.preprocessing.workflow import _node_label
-
     match = re.match(r"^(t1w_mask|t1w_grid|tissue)_(\d+)$", node)
     if match:
         images = list(dict.fromkeys(Path(s.t1w.image) for s in subject_inputs.sessions if s.t1w is not None))
@@ -76,7 +80,7 @@ def node_input(node: str, subject_inputs) -> tuple[str, Path] | None:
     match = re.match(r"^(bssfp|dwi)_\w+_ses(\w+)$", node)
     if match:
         for session in subject_inputs.sessions:
-            if _node_label(session.session) == match.group(2):
+            if node_label(session.session) == match.group(2):
                 if match.group(1) == "bssfp" and session.bssfp is not None:
                     return "bSSFP magnitude", Path(session.bssfp.magnitude)
                 if match.group(1) == "dwi" and session.dwi is not None:
