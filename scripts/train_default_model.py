@@ -52,7 +52,7 @@ TRUTH_ROWS = (("v1_angle", "median V1 angle (deg)"), ("fa_error", "median FA rel
               ("md_error", "median MD relative error"), ("fa_ratio", "median predicted / true FA"),
               ("non_finite", "non-finite voxels"))
 STARTED = time.perf_counter()
-DEFAULT_EPOCHS = 24
+DEFAULT_EPOCHS = 36
 
 logger = logging.getLogger("train_default_model")
 

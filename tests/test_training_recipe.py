@@ -154,9 +154,13 @@ def test_structure_features_find_the_axis_of_a_tube():
     distance = np.linalg.norm(grid - (grid @ axis)[..., None] * axis, axis=-1)
     tube = torch.from_numpy((distance < 5).astype(np.float32))[None, None]
     features = StructureTensorFeatures(1, (2.0,), maps=1)
-    with torch.no_grad():
-        features.contrast.weight.fill_(2.0)
-        features.contrast.bias.fill_(-1.0)
+    first, last = features.contrast[0], features.contrast[2]
+    with torch.no_grad():  # contrast = tanh(2 tanh(2 tube - 1)): the tube's indicator, no spatial blur
+        first.weight.zero_()
+        first.weight[:, :, 1, 1, 1] = 2.0
+        first.bias.fill_(-1.0)
+        last.weight.fill_(2.0 / first.out_channels)
+        last.bias.zero_()
         out = features(tube)[0].numpy()  # channels: 6 components of the one map, then log(trace)
     edge = (distance > 3.5) & (distance < 6.5) & (np.abs(grid).max(-1) < 7)
     six = np.moveaxis(out[:6], 0, -1)[edge]
@@ -174,7 +178,7 @@ def test_structure_features_are_differentiable_and_learned():
     generator = build_generator("tiny", ["pc-bssfp"], norm="none", structure_scales=(1.0, 2.0), dropout=0.0)
     x = torch.rand(1, 24, 16, 16, 16)
     generator(x, "pc-bssfp").square().mean().backward()
-    assert generator.heads["pc-bssfp"].structure.contrast.weight.grad.abs().sum() > 0
+    assert generator.heads["pc-bssfp"].structure.contrast[0].weight.grad.abs().sum() > 0
 
 
 # --------------------------------------------------------------------------- augmentation and sampling

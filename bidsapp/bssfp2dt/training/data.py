@@ -531,7 +531,7 @@ class TrainingData(L.LightningDataModule):
         self._cache[pair] = subject
         return subject
 
-    def training_volumes(self, limit: int = 4) -> list[dict[str, torch.Tensor]]:
+    def training_volumes(self, limit: int = 8) -> list[dict[str, torch.Tensor]]:
         """Whole loaded volumes of up to ``limit`` training pairs (one per subject first) as dicts of (C, X, Y, Z)
         tensors, for data-driven initialisation (``training.initialisation``)."""
         first_per_subject = list({pair.subject: pair for pair in self.train_pairs}.values())[:limit]

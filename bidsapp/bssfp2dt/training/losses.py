@@ -172,7 +172,7 @@ class TensorLossWeights:
     """
 
     components: float = 1.0
-    anisotropy: float = 1.0
+    anisotropy: float = 3.0
     direction: float = 1.0
     white_matter: float = 3.0
     huber_delta: float = 0.1
