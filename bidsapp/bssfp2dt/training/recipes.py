@@ -7,10 +7,12 @@ batch norm, uniform patches, bias-field and noise augmentation of the input, che
 fixed validation patches). It needs GPU-sized batches and budgets.
 
 ``log-euclidean`` (the default): what learns on a CPU budget. The network predicts log-Euclidean tensor
-coordinates (``dti.logeuclid``), trained with a Huber loss masked to the brain, white matter weighted x3,
-plus a direction-free anisotropy term (an isotropic hedge no longer pays); no normalisation layers (CPU
+coordinates with the arithmetic MD on the trace (``dti.logeuclid``), trained with a Huber loss masked to the
+brain, white matter weighted x3, plus a direction-free anisotropy term (an isotropic hedge no longer pays)
+and an anisotropy-weighted direction term (``training.losses.TensorLoss``); no normalisation layers (CPU
 batches of 1-4 make batch norm's train and eval outputs differ, and instance norm would tie the output to
-the patch size); structure-tensor features of the input in every head; 60 % of the patches centred in
+the patch size); structure-tensor features of the input in every head, started as the anatomy predictor
+(``training.initialisation``); 60 % of the patches centred in
 white matter; no augmentation; no discriminator; AdamW with a short warm-up, gradient clipping; the
 release checkpoint chosen on whole held-out volumes by the white-matter V1 angle, FA and MD errors.
 """
