@@ -68,7 +68,7 @@ def map_figure_path(output_dir: Path | str, subject: str, session: str | None, m
 def write_session_qc(output_dir: Path | str, preprocessed_session, raw_session) -> list[Path]:
     """Registration QC (bSSFP, b0) and tissue outlines of one preprocessed session; returns the PNGs.
 
-    ``preprocessed_session``: :class:`bssfp2dt.preprocessing.workflow.PreprocessedSession` (T1w grid,
+    ``preprocessed_session``: :class:`bssfp2dt.preprocessing.sessions.PreprocessedSession` (T1w grid,
     mask, tissues, provenance with the registration transforms); ``raw_session``: its
     :class:`bssfp2dt.io.bids.SessionInputs` (the raw moving images).
     """

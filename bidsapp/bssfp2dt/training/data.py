@@ -75,7 +75,7 @@ class TrainingPair:
 def input_sessions(subject, modality: str) -> list[tuple[Any, Path]]:
     """(preprocessed session, input image path) of every input session of ``modality`` in ``subject``.
 
-    ``subject``: :class:`bssfp2dt.preprocessing.workflow.PreprocessedSubject`. T1w sessions sharing one
+    ``subject``: :class:`bssfp2dt.preprocessing.sessions.PreprocessedSubject`. T1w sessions sharing one
     T1w image count once.
     """
     spec = modalities.BY_NAME.get(modality)
