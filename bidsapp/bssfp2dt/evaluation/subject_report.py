@@ -185,7 +185,7 @@ def _raw_files(raw_session) -> dict[str, Path]:
 def model_context(model) -> dict[str, Any]:
     """Id, version, sha256, modality and caveats of a :class:`~bssfp2dt.pipeline.participant.LoadedModel`."""
     return {"id": model.id, "version": model.version, "sha256": model.sha256, "modality": model.modality,
-            "size": model.metadata.get("generator", {}).get("name"), "stage": model.metadata.get("stage"),
+            "size": model.metadata.size_name, "stage": model.metadata.stage,
             "caveats": model_caveats(model.id)}
 
 

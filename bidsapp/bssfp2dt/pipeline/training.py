@@ -179,7 +179,7 @@ def starting_point(stage, modality: str, init_checkpoint: Path | None, model_siz
         if init_checkpoint is not None:
             from bssfp2dt.models.checkpoint import load_release_checkpoint
 
-            normalization = Normalization.from_dict(load_release_checkpoint(init_checkpoint)[1]["normalization"])
+            normalization = Normalization.from_dict(load_release_checkpoint(init_checkpoint)[1].normalization)
         return StartingPoint(generator, normalization)
     return _from_lightning(stage, modality, Path(init_checkpoint))
 
