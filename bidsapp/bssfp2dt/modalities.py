@@ -72,6 +72,8 @@ TENSOR_GROUPS: tuple[str, ...] = ("tensor_diagonal", "tensor_offdiagonal")
 
 #: Generator sizes (``--model-size``; :data:`bssfp2dt.models.generator.GENERATOR_SIZES` defines them).
 MODEL_SIZES: tuple[str, ...] = ("tiny", "small", "reference")
+#: The size a run trains from scratch without ``--model-size``: the published network.
+DEFAULT_MODEL_SIZE = "reference"
 #: Learning-rate schedules (``--lr-schedule``; :mod:`bssfp2dt.training.module` implements them).
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 

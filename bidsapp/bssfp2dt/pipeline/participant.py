@@ -32,6 +32,7 @@ import numpy as np
 
 from bssfp2dt import modalities
 from bssfp2dt.errors import Bssfp2dtError, MissingInputError, UsageError
+from bssfp2dt.training.recipes import RECIPES
 
 if TYPE_CHECKING:
     from bssfp2dt.models.checkpoint import CheckpointMetadata
@@ -39,7 +40,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_OVERLAP = 0.5  # fraction of the patch edge shared by neighbouring patches
-DEFAULT_PATCH_SIZE = 64  # voxels, for checkpoints that do not record their training patch
+#: Patch edge (voxels) for checkpoints that do not record their training patch: they predate the recipes, so the
+#: reference method's.
+DEFAULT_PATCH_SIZE = RECIPES["reference"].patch_size
 PROBE_EDGE = 16  # voxels: edge of the patch whose forward pass sizes the sliding-window batch
 LOG_NAME = "participant.log"
 #: Stems (name before the first dot) of the dataset-level files: dataset_description.json, README.md, .bidsignore.
