@@ -31,17 +31,12 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 def preprocessed_subjects(work_dir: Path):
     """PreprocessedSubject objects from the cached workflow's session summaries in ``work_dir``."""
-    from bssfp2dt.preprocessing.workflow import PreprocessedSession, PreprocessedSubject
+    from bssfp2dt.preprocessing.sessions import PreprocessedSubject, read_summary
 
     sessions: dict[str, list] = {}
     for path in sorted(work_dir.glob("preproc_sub_*/collect_ses*/*_preproc.json")):
-        record = json.loads(path.read_text())
-        out = record["outputs"]
-        sessions.setdefault(record["subject"], []).append(PreprocessedSession(
-            subject=record["subject"], session=record["session"], t1w_session=out.get("t1w_session"),
-            t1w=Path(out["t1w"]), brain_mask=Path(out["brain_mask"]), gm=Path(out["gm"]), wm=Path(out["wm"]),
-            csf=Path(out["csf"]), bssfp=Path(out["bssfp"]) if out.get("bssfp") else None,
-            tensor=Path(out["tensor"]) if out.get("tensor") else None, provenance=path))
+        session = read_summary(path)
+        sessions.setdefault(session.subject, []).append(session)
     return [PreprocessedSubject(label, tuple(found)) for label, found in sorted(sessions.items())]
 
 

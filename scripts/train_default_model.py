@@ -130,17 +130,17 @@ def package(checkpoint: Path, modality: str, args, train_seed: int, test_seed: i
     _, metadata = load_release_checkpoint(target)
     return {"id": model_id, "version": __version__, "file": target.name, "sha256": sha256_file(target),
             "size": args.model_size,
-            "training": {"stages": list(CHAINS[args.chain]), "final_stage": metadata["stage"],
+            "training": {"stages": list(CHAINS[args.chain]), "final_stage": metadata.stage,
                          "data": "simulated (bssfp2dt.simulation)", "train_subjects": args.train_subjects,
                          "train_seed": train_seed, "held_out_subjects": args.test_subjects,
                          "held_out_seed": test_seed, "max_epochs": args.max_epochs,
-                         "patch_size": metadata["config"].get("patch_size"), "recipe": args.recipe,
+                         "patch_size": metadata.patch_size, "recipe": args.recipe,
                          "batch_size": args.batch_size,
                          "learning_rate": args.learning_rate or "stage default", "lr_schedule": args.lr_schedule,
                          "patience": args.patience,
                          "split_fractions": args.split_fractions, "chain": args.chain,
                          "quick": args.quick},
-            "contract": dict(metadata["contract"])}
+            "contract": dict(metadata.contract)}
 
 
 def write_registry(entries: dict[str, dict]) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from bssfp2dt.config import Config, ModelSettings, PathSettings, ResourceSettings, RunSettings, SelectionSettings
 from bssfp2dt.io import bids as bids_io
 from bssfp2dt.preprocessing.steps import PreprocSettings
-from bssfp2dt.preprocessing.workflow import PreprocessedSession, PreprocessedSubject
+from bssfp2dt.preprocessing.sessions import PreprocessedSession, PreprocessedSubject
 from bssfp2dt.simulation.dataset import SimulationConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -247,3 +247,32 @@ def test_learning_rate_patience_and_split_reach_the_training_settings_and_round_
     assert tuned.training.split_fractions == (0.8, 0.2, 0.0)
     assert load_toml(save_toml(tuned, tmp_path / "c.toml")) == tuned
     assert load_toml(save_toml(default, tmp_path / "d.toml")) == default
+
+
+def test_parser_defaults_are_the_config_defaults():
+    """Each default is written once, in the config dataclasses: an option left out parses to its field's default
+    (``--output-spaces`` and ``--derivatives`` are resolved by config_from_args, checked with their resolvers)."""
+    import dataclasses
+
+    from bssfp2dt import config
+
+    args = vars(parse())
+    renamed = {"verbosity": "verbose"}
+    checked = set()
+    for settings in (config.PathSettings, config.SelectionSettings, config.ResourceSettings, config.ModelSettings,
+                     config.PreprocessingOptions, config.TrainingSettings, config.RunSettings):
+        for item in dataclasses.fields(settings):
+            dest = renamed.get(item.name, item.name)
+            if dest not in args or (item.default is dataclasses.MISSING
+                                    and item.default_factory is dataclasses.MISSING):
+                continue
+            expected = config.field_default(settings, item.name)
+            if dest == "output_spaces":
+                assert config.output_spaces(args[dest]) == expected
+            elif dest == "derivatives":
+                assert config._derivative_sources(args[dest]) == expected
+            else:
+                assert args[dest] == expected, dest
+            checked.add(dest)
+    assert {"device", "batch_size", "max_epochs", "lr_schedule", "recipe", "patience", "split_fractions", "seed",
+            "unringing_method", "hmc_model", "registration_backend", "input_modality", "verbose"} <= checked

@@ -49,7 +49,7 @@ def test_every_table_reads_the_records():
 
 
 def test_sources_are_preprocessed_images():
-    from bssfp2dt.preprocessing.workflow import PreprocessedSession
+    from bssfp2dt.preprocessing.sessions import PreprocessedSession
 
     fields = {item.name for item in dataclasses.fields(PreprocessedSession)}
     assert {m.source for m in modalities.MODALITIES} <= fields

@@ -6,10 +6,11 @@ import torch
 
 import bssfp2dt
 from bssfp2dt.errors import EXIT_MISSING_INPUT, MissingInputError
-from bssfp2dt.models.checkpoint import load_release_checkpoint, save_release_checkpoint, sha256_file
+from bssfp2dt.models.checkpoint import (CheckpointMetadata, io_contract, load_release_checkpoint,
+                                       save_release_checkpoint, sha256_file)
 from bssfp2dt.models.discriminator import build_discriminator
 from bssfp2dt.models.generator import (
-    MODALITY_CHANNELS, Generator, InputHead, build_generator, count_parameters,
+    GENERATOR_SIZES, MODALITY_CHANNELS, Generator, InputHead, build_generator, count_parameters,
 )
 
 ALL_MODALITIES = list(MODALITY_CHANNELS)
@@ -127,6 +128,33 @@ def test_release_checkpoint_round_trips_with_weights_only_load(tmp_path):
     assert metadata["normalization"]["tensor"]["diagonal"] == [0.0, 3e-3]
     assert metadata["generator"]["modalities"] == ["t1w", "dwi-tensor"]
 
+
+
+def test_checkpoint_metadata_is_typed(tmp_path):
+    generator = _trained_like_generator()
+    path = save_release_checkpoint(tmp_path / "model.pt", generator,
+                                   config={"patch_size": 32, "training": {"recipe": "log-euclidean"}},
+                                   stage="direct", modality="t1w", normalization={"tensor": {"diagonal": [0, 1]}})
+    _, metadata = load_release_checkpoint(path)
+    assert isinstance(metadata, CheckpointMetadata)
+    assert (metadata.stage, metadata.modality, metadata.version) == ("direct", "t1w", bssfp2dt.__version__)
+    assert metadata.size == generator.size and metadata.size_name == generator.size.name
+    assert metadata.modalities == ("t1w", "dwi-tensor")
+    assert (metadata.patch_size, metadata.recipe, metadata.patch_multiple) == (32, "log-euclidean", 16)
+    assert (metadata.input_channels, metadata.output_channels) == (6, 6)
+    assert metadata.normalization == {"tensor": {"diagonal": [0, 1]}}
+    assert metadata["stage"] == "direct" and "state_dict" not in metadata.payload  # the dict interface stays
+
+
+def test_checkpoint_metadata_of_an_old_checkpoint_takes_defaults():
+    old = {"generator": {"name": "small", "features": [8, 16, 32, 64, 128, 8], "head_hidden": 16, "dropout": 0.1},
+           "modality": "pc-bssfp", "state_dict": {}}
+    metadata = CheckpointMetadata.from_dict(old)
+    assert metadata.size == GENERATOR_SIZES["small"]  # norm "batch", no structure scales
+    assert metadata.modalities == ("pc-bssfp",) and metadata.stage is None and metadata.version is None
+    assert metadata.patch_size is None and metadata.recipe is None
+    assert metadata.contract == io_contract("pc-bssfp") and metadata.input_channels == 24
+    assert metadata.config == {} and metadata.normalization == {}
 
 def test_sha256_mismatch_is_a_missing_input_error_naming_the_file(tmp_path):
     path = _save(tmp_path / "model.pt", _trained_like_generator())

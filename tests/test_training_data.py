@@ -12,7 +12,7 @@ import torchio as tio
 from helpers import AFFINE, SHAPE, save_image, synthetic_subject
 
 from bssfp2dt.errors import UsageError
-from bssfp2dt.preprocessing.workflow import PreprocessedSubject
+from bssfp2dt.preprocessing.sessions import PreprocessedSubject
 from bssfp2dt.training import data
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,9 @@ stripped, resources filled in) and performs every check that needs no BIDS index
 written. ``save_toml`` / ``load_toml`` round-trip a config to an equal object. TOML has no null, so
 ``None`` values are left out on writing and restored on reading; the BIDS queries (which may contain
 null) are kept as a canonical JSON string.
+
+Every default setting is written once, as a dataclass default here; the command line reads them with
+:func:`field_default`.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from typing import Any, Mapping
 from bssfp2dt import __version__, modalities
 from bssfp2dt.errors import (AnalysisLevelError, InvalidBIDSError, MissingInputError, OutputError,
                              UsageError)
+from bssfp2dt.training.recipes import DEFAULT_RECIPE
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -114,7 +118,7 @@ class TrainingSettings:
     perceptual_weights: Path | None = None
     learning_rate: float | None = None
     lr_schedule: str = "constant"
-    recipe: str = "log-euclidean"
+    recipe: str = DEFAULT_RECIPE
     patience: int = 5
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
 
@@ -147,6 +151,19 @@ class Config:
     def for_subject(self, label: str) -> "Config":
         """The same config restricted to one participant (what is saved in that subject's log)."""
         return dataclasses.replace(self, selection=dataclasses.replace(self.selection, participant_labels=(label,)))
+
+
+def field_default(settings: type, name: str) -> Any:
+    """The default of field ``name`` of the settings dataclass ``settings`` (e.g. ``TrainingSettings``,
+    ``"max_epochs"``); ValueError when the field does not exist or has no default."""
+    for item in dataclasses.fields(settings):
+        if item.name == name:
+            if item.default is not dataclasses.MISSING:
+                return item.default
+            if item.default_factory is not dataclasses.MISSING:
+                return item.default_factory()
+            break
+    raise ValueError(f"{settings.__name__}.{name} has no default")
 
 
 # --------------------------------------------------------------------------- TOML round trip

@@ -21,7 +21,7 @@ class Modality:
     ``channels``: the network input channels C of (B, C, X, Y, Z);
     ``raw_inputs``: the raw BIDS inputs read for it besides the T1w: ``"bssfp"`` (magnitude + phase series)
     and/or ``"dwi"`` (series, .bval, .bvec);
-    ``source``: the :class:`~bssfp2dt.preprocessing.workflow.PreprocessedSession` image that feeds it:
+    ``source``: the :class:`~bssfp2dt.preprocessing.sessions.PreprocessedSession` image that feeds it:
     ``"bssfp"`` (X, Y, Z, 24 interleaved), ``"t1w"`` (X, Y, Z) or ``"tensor"`` (X, Y, Z, 6);
     ``groups``: the normalisation groups that scale its channels (the checkpoint must carry them);
     ``single_cycle``: bSSFP only: the first phase cycle repeated (a single-cycle acquisition);
@@ -72,6 +72,8 @@ TENSOR_GROUPS: tuple[str, ...] = ("tensor_diagonal", "tensor_offdiagonal")
 
 #: Generator sizes (``--model-size``; :data:`bssfp2dt.models.generator.GENERATOR_SIZES` defines them).
 MODEL_SIZES: tuple[str, ...] = ("tiny", "small", "reference")
+#: The size a run trains from scratch without ``--model-size``: the published network.
+DEFAULT_MODEL_SIZE = "reference"
 #: Learning-rate schedules (``--lr-schedule``; :mod:`bssfp2dt.training.module` implements them).
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 

@@ -1,7 +1,8 @@
 """The ``bssfp2dt`` command line (BIDS-Apps 1.0 with the NiPreps option names users know).
 
 Only the standard library is imported here, so ``--help`` and ``--version`` stay instant.
-Usage errors exit 64 (the BIDS execution spec reserves argparse's default 2).
+Usage errors exit 64 (the BIDS execution spec reserves argparse's default 2). Defaults are read from the
+:mod:`bssfp2dt.config` dataclasses (:func:`default`), where each is written once.
 """
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Callable, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from bssfp2dt import __version__, modalities
+from bssfp2dt.config import (ModelSettings, PreprocessingOptions, ResourceSettings, RunSettings,
+                             SelectionSettings, TrainingSettings, field_default)
 from bssfp2dt.errors import EXIT_USAGE
-from bssfp2dt.training.recipes import DEFAULT_RECIPE, RECIPES
+from bssfp2dt.training.recipes import RECIPES
 
 PROGRAM = "bssfp2dt"
 ANALYSIS_LEVELS = ("participant", "group")
@@ -25,6 +28,35 @@ MODEL_SIZES = modalities.MODEL_SIZES
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 _MEMORY_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _MEMORY_UNIT_MB = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 ** 2}
+
+
+#: Option destination -> the settings dataclass and field whose default it takes.
+DEFAULTS_FROM: dict[str, tuple[type, str]] = {
+    "verbose": (RunSettings, "verbosity"),
+    "input_modality": (SelectionSettings, "input_modality"),
+    "skip_bids_validation": (RunSettings, "skip_bids_validation"),
+    "device": (ResourceSettings, "device"),
+    "batch_size": (ModelSettings, "batch_size"),
+    "write_preproc": (ModelSettings, "write_preproc"),
+    "unringing_method": (PreprocessingOptions, "unringing_method"),
+    "hmc_model": (PreprocessingOptions, "hmc_model"),
+    "registration_backend": (PreprocessingOptions, "registration_backend"),
+    "max_epochs": (TrainingSettings, "max_epochs"),
+    "lr_schedule": (TrainingSettings, "lr_schedule"),
+    "recipe": (TrainingSettings, "recipe"),
+    "patience": (TrainingSettings, "patience"),
+    "split_fractions": (TrainingSettings, "split_fractions"),
+    "seed": (TrainingSettings, "seed"),
+    "stop_on_first_crash": (RunSettings, "stop_on_first_crash"),
+    "dry_run": (RunSettings, "dry_run"),
+    "reports_only": (RunSettings, "reports_only"),
+}
+
+
+def default(dest: str) -> Any:
+    """The default of the option stored in ``dest``: its :mod:`bssfp2dt.config` dataclass field's."""
+    settings, name = DEFAULTS_FROM[dest]
+    return field_default(settings, name)
 
 
 class BidsAppArgumentParser(argparse.ArgumentParser):
@@ -152,7 +184,7 @@ def build_parser(describe: Callable[[], str] | None = None) -> BidsAppArgumentPa
     parser.add_argument("--version", action="version", version=f"{PROGRAM} {__version__}")
     parser.add_argument("--bids-exec-spec", action=PrintExecSpecAction, describe=describe,
                         help="print the Boutiques descriptor of this command line (JSON) and exit")
-    parser.add_argument("-v", "--verbose", dest="verbose", action="count", default=0,
+    parser.add_argument("-v", "--verbose", dest="verbose", action="count", default=default("verbose"),
                         help="more log output (-v debug, -vv also tracebacks)")
 
     selection = parser.add_argument_group("Selecting inputs")
@@ -169,10 +201,11 @@ def build_parser(describe: Callable[[], str] | None = None) -> BidsAppArgumentPa
     selection.add_argument("--derivatives", nargs="+", type=derivative_source, metavar="NAME=PATH",
                            default=[], help="precomputed tissue probability maps / brain masks (e.g. sMRIPrep)")
     selection.add_argument("--input-modality", "--input_modality", dest="input_modality",
-                           choices=INPUT_MODALITIES, default=modalities.DEFAULT.name,
+                           choices=INPUT_MODALITIES, default=default("input_modality"),
                            help="which input the network reads")
     selection.add_argument("--skip-bids-validation", "--skip_bids_validation", dest="skip_bids_validation",
-                           action="store_true", help="do not run the BIDS validator on bids_dir")
+                           action="store_true", default=default("skip_bids_validation"),
+                           help="do not run the BIDS validator on bids_dir")
 
     resources = parser.add_argument_group("Resources")
     resources.add_argument("-w", "--work-dir", "--work_dir", dest="work_dir", type=Path,
@@ -184,7 +217,7 @@ def build_parser(describe: Callable[[], str] | None = None) -> BidsAppArgumentPa
                            help="threads per process (default: min(8, nprocs))")
     resources.add_argument("--mem", "--mem-mb", "--mem_mb", dest="mem", type=memory_mb, metavar="SIZE",
                            help="memory limit, e.g. 16000 (MB, as in fMRIPrep), 8000M, 8G or 8GB")
-    resources.add_argument("--device", type=device_name, default="auto",
+    resources.add_argument("--device", type=device_name, default=default("device"),
                            help="auto, cpu, cuda or cuda:N (default: %(default)s)")
 
     model = parser.add_argument_group("Model and inference")
@@ -192,32 +225,33 @@ def build_parser(describe: Callable[[], str] | None = None) -> BidsAppArgumentPa
                        help="checkpoint to use instead of the packaged model")
     model.add_argument("--model-size", "--model_size", dest="model_size", choices=MODEL_SIZES,
                        help="network width for training from scratch (default: from the checkpoint, "
-                            "else reference)")
+                            f"else {modalities.DEFAULT_MODEL_SIZE})")
     model.add_argument("--patch-size", "--patch_size", dest="patch_size", type=positive_int,
                        help="cubic patch edge in voxels (training and sliding-window inference) (default: the "
-                            "model's training patch for inference, the recipe's for training: log-euclidean 32, "
-                            "reference 64)")
-    model.add_argument("--batch-size", "--batch_size", dest="batch_size", type=positive_int, default=1,
+                            "model's training patch for inference, the recipe's for training: "
+                            f"{', '.join(f'{name} {recipe.patch_size}' for name, recipe in sorted(RECIPES.items()))})")
+    model.add_argument("--batch-size", "--batch_size", dest="batch_size", type=positive_int,
+                       default=default("batch_size"),
                        help="patches per batch (default: %(default)s)")
     model.add_argument("--write-preproc", "--write_preproc", dest="write_preproc", action="store_true",
-                       help="also write the preprocessed network inputs")
+                       default=default("write_preproc"), help="also write the preprocessed network inputs")
     model.add_argument("--output-spaces", "--output_spaces", dest="output_spaces", nargs="+", metavar="SPACE",
                        help="spaces of the outputs: T1w (always written) and TemplateFlow templates, e.g. "
                             "MNI152NLin2009cAsym (tensor resampled with reorientation; templates offline: see "
-                            "README) (default: T1w)")
+                            f"README) (default: {' '.join(field_default(ModelSettings, 'output_spaces'))})")
 
     preprocessing = parser.add_argument_group("Preprocessing")
     preprocessing.add_argument("--unringing-method", "--unringing_method", dest="unringing_method",
-                               choices=("auto", "mrdegibbs", "dipy", "none"), default="auto",
+                               choices=("auto", "mrdegibbs", "dipy", "none"), default=default("unringing_method"),
                                help="Gibbs-ringing removal of bSSFP and DWI (sub-voxel shifts): MRtrix3's "
                                     "mrdegibbs (Debian package mrtrix3), dipy's, auto (mrdegibbs when on the PATH, "
                                     "else dipy) or none (data without ringing, e.g. simulated) (default: %(default)s)")
     preprocessing.add_argument("--hmc-model", "--hmc_model", dest="hmc_model", choices=("rigid", "none"),
-                               default="rigid",
+                               default=default("hmc_model"),
                                help="DWI head-motion correction: rigid registration of every volume with "
                                     "b-vector rotation, or none (default: %(default)s)")
     preprocessing.add_argument("--registration-backend", "--registration_backend", dest="registration_backend",
-                               choices=("ants", "dipy"), default="ants",
+                               choices=("ants", "dipy"), default=default("registration_backend"),
                                help="rigid registrations (bSSFP and b0 to T1w, DWI head motion): ANTs "
                                     "(antspyx) or dipy (slower) (default: %(default)s)")
 
@@ -229,37 +263,41 @@ def build_parser(describe: Callable[[], str] | None = None) -> BidsAppArgumentPa
     training.add_argument("--perceptual-weights", "--perceptual_weights", dest="perceptual_weights", type=Path,
                           metavar="PATH", help="MedicalNet ResNet-10 weights (.pth) for the perceptual loss "
                                                "(x1000); without it that term is off (nothing is downloaded)")
-    training.add_argument("--max-epochs", "--max_epochs", dest="max_epochs", type=positive_int, default=100,
+    training.add_argument("--max-epochs", "--max_epochs", dest="max_epochs", type=positive_int,
+                          default=default("max_epochs"),
                           help="upper bound on epochs (early stopping may end sooner) (default: %(default)s)")
     training.add_argument("--learning-rate", "--learning_rate", dest="learning_rate", type=positive_float,
                           metavar="LR", help="AdamW learning rate of generator and discriminator (default: the "
                                              "stage's: 1e-4, finetune 1e-5)")
     training.add_argument("--lr-schedule", "--lr_schedule", dest="lr_schedule", choices=LR_SCHEDULES,
-                          default="constant",
+                          default=default("lr_schedule"),
                           help="learning rate over the epochs: constant (the reference method), or a half cosine "
                                "from the rate down to 1 %% of it at --max-epochs (default: %(default)s)")
-    training.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULT_RECIPE,
+    training.add_argument("--recipe", choices=tuple(RECIPES), default=default("recipe"),
                           help="training recipe: log-euclidean (log-tensor targets, masked white-matter-weighted loss "
                                "with an anisotropy term, no batch norm, structure-tensor features, checkpoint chosen "
                                "by white-matter errors: learns on a CPU) or reference (the published method: min/max "
                                "targets, L1 + SSIM + GAN, batch norm) (default: %(default)s)")
     training.add_argument("--early-stopping-patience", "--early_stopping_patience", dest="patience",
-                          type=positive_int, default=5, metavar="EPOCHS",
+                          type=positive_int, default=default("patience"), metavar="EPOCHS",
                           help="stop after this many epochs without a lower validation loss (default: %(default)s)")
     training.add_argument("--split-fractions", "--split_fractions", dest="split_fractions", type=split_fractions,
-                          default="0.7,0.15,0.15", metavar="TRAIN,VAL,TEST",
+                          default=",".join(str(value) for value in default("split_fractions")),
+                          metavar="TRAIN,VAL,TEST",
                           help="subject fractions of the training, validation and test sets (validation keeps at "
                                "least one subject) (default: %(default)s)")
-    training.add_argument("--seed", type=non_negative_int, default=0,
+    training.add_argument("--seed", type=non_negative_int, default=default("seed"),
                           help="seed of the train/validation/test split, sampling and initialisation "
                                "(default: %(default)s)")
 
     run = parser.add_argument_group("Run control")
     run.add_argument("--stop-on-first-crash", "--stop_on_first_crash", dest="stop_on_first_crash",
-                     action="store_true", help="abort at the first failing subject instead of continuing")
-    run.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                     action="store_true", default=default("stop_on_first_crash"),
+                     help="abort at the first failing subject instead of continuing")
+    run.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", default=default("dry_run"),
                      help="validate, discover and print the per-subject inputs; write nothing")
     run.add_argument("--reports-only", "--reports_only", dest="reports_only", action="store_true",
+                     default=default("reports_only"),
                      help="only rebuild the participant reports (sub-<label>.html) and logs/CITATION.md from the "
                           "existing outputs")
     return parser

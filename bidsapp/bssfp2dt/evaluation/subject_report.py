@@ -68,7 +68,7 @@ def map_figure_path(output_dir: Path | str, subject: str, session: str | None, m
 def write_session_qc(output_dir: Path | str, preprocessed_session, raw_session) -> list[Path]:
     """Registration QC (bSSFP, b0) and tissue outlines of one preprocessed session; returns the PNGs.
 
-    ``preprocessed_session``: :class:`bssfp2dt.preprocessing.workflow.PreprocessedSession` (T1w grid,
+    ``preprocessed_session``: :class:`bssfp2dt.preprocessing.sessions.PreprocessedSession` (T1w grid,
     mask, tissues, provenance with the registration transforms); ``raw_session``: its
     :class:`bssfp2dt.io.bids.SessionInputs` (the raw moving images).
     """
@@ -185,7 +185,7 @@ def _raw_files(raw_session) -> dict[str, Path]:
 def model_context(model) -> dict[str, Any]:
     """Id, version, sha256, modality and caveats of a :class:`~bssfp2dt.pipeline.participant.LoadedModel`."""
     return {"id": model.id, "version": model.version, "sha256": model.sha256, "modality": model.modality,
-            "size": model.metadata.get("generator", {}).get("name"), "stage": model.metadata.get("stage"),
+            "size": model.metadata.size_name, "stage": model.metadata.stage,
             "caveats": model_caveats(model.id)}
 
 

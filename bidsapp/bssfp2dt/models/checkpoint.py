@@ -5,7 +5,8 @@ A release checkpoint is a plain dict of tensors, str, int, float, bool, None, li
 (discriminator and optimiser states are dropped), the generator size and heads, the resolved run
 configuration, the training stage, the input modality, the normalisation parameters (owned by
 preprocessing, stored verbatim) and the input/output contract (channels, patch multiple, units, component
-order) plus the package version that wrote it.
+order) plus the package version that wrote it. :func:`load_release_checkpoint` returns that metadata as a
+:class:`CheckpointMetadata`.
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import dataclasses
 import hashlib
 import logging
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -41,6 +43,87 @@ def io_contract(modality: str) -> dict[str, Any]:
     (voxels), the units of the denormalised tensor and its component order."""
     return {"input_channels": check_modality(modality), "output_channels": TENSOR_CHANNELS,
             "patch_multiple": PATCH_MULTIPLE, "units": TENSOR_UNITS, "component_order": COMPONENT_ORDER}
+
+
+@dataclass(frozen=True)
+class CheckpointMetadata:
+    """What a release checkpoint says about itself (every key but the weights), as typed fields.
+
+    ``stage``: the training stage that wrote it (None when unknown); ``modality``: the input modality it was
+    trained on; ``size``: the generator's :class:`GeneratorSize`; ``modalities``: its input heads;
+    ``config``: the resolved run configuration (plain values: the run TOML plus ``split`` and ``patch_size``);
+    ``normalization``: preprocessing's normalisation parameters (plain values); ``contract``: the input/output
+    contract (:func:`io_contract`); ``version``: the package version that wrote it; ``payload``: the metadata
+    dict as stored, which ``metadata[key]`` still reads.
+    """
+
+    stage: str | None
+    modality: str
+    size: GeneratorSize
+    modalities: tuple[str, ...]
+    config: Mapping[str, Any] = field(default_factory=dict)
+    normalization: Mapping[str, Any] = field(default_factory=dict)
+    contract: Mapping[str, Any] = field(default_factory=dict)
+    version: str | None = None
+    format_version: int = CHECKPOINT_FORMAT_VERSION
+    payload: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, payload: Mapping[str, Any]) -> "CheckpointMetadata":
+        """Read stored metadata (``state_dict`` is ignored). Keys older checkpoints lack take defaults:
+        no stage or version (None), the generator's norm ``"batch"`` and no structure scales, heads = the
+        modality, empty config and normalisation, and the contract of this package's :func:`io_contract`.
+        KeyError for a missing ``modality`` or generator description."""
+        spec = payload["generator"]
+        modality = payload["modality"]
+        size = GeneratorSize(name=spec["name"], features=tuple(spec["features"]), head_hidden=spec["head_hidden"],
+                             dropout=spec["dropout"], norm=spec.get("norm", "batch"),
+                             structure_scales=tuple(spec.get("structure_scales", ())))
+        contract = payload.get("contract")
+        if contract is None:
+            contract = io_contract(modality) if modality in MODALITY_CHANNELS else {}
+        version = payload.get("version")
+        return cls(stage=payload.get("stage"), modality=modality, size=size,
+                   modalities=tuple(spec.get("modalities", (modality,))), config=dict(payload.get("config") or {}),
+                   normalization=dict(payload.get("normalization") or {}), contract=dict(contract),
+                   version=None if version is None else str(version),
+                   format_version=int(payload.get("format_version", CHECKPOINT_FORMAT_VERSION)),
+                   payload={key: value for key, value in payload.items() if key != "state_dict"})
+
+    def __getitem__(self, key: str) -> Any:
+        """The stored metadata value of ``key`` (the dict interface of earlier versions)."""
+        return self.payload[key]
+
+    @property
+    def size_name(self) -> str:
+        """The generator size's name (``"small"``, ``"reference"``...)."""
+        return self.size.name
+
+    @property
+    def patch_size(self) -> int | None:
+        """The patch edge (voxels) the model was trained on; None when the checkpoint does not say."""
+        value = self.config.get("patch_size")
+        return None if value is None else int(value)
+
+    @property
+    def recipe(self) -> str | None:
+        """The training recipe (``training.recipes``) that made it; None when the checkpoint does not say."""
+        return (self.config.get("training") or {}).get("recipe")
+
+    @property
+    def patch_multiple(self) -> int:
+        """The multiple (voxels) every patch edge must be: the backbone's pooling factor; at least 1."""
+        return max(int(self.contract.get("patch_multiple", 1)), 1)
+
+    @property
+    def input_channels(self) -> int:
+        """Channels of the network input (C of (B, C, X, Y, Z))."""
+        return int(self.contract.get("input_channels", MODALITY_CHANNELS.get(self.modality, 0)))
+
+    @property
+    def output_channels(self) -> int:
+        """Channels of the network output: the tensor components."""
+        return int(self.contract.get("output_channels", TENSOR_CHANNELS))
 
 
 def sha256_file(path: Path | str) -> str:
@@ -83,8 +166,8 @@ def save_release_checkpoint(path: Path | str, generator: Generator, *, config: d
 
 
 def load_release_checkpoint(path: Path | str, expected_sha256: str | None = None,
-                            map_location: str | torch.device = "cpu") -> tuple[Generator, dict[str, Any]]:
-    """Read a release checkpoint; return the generator (eval mode) and the metadata (every key but the weights).
+                            map_location: str | torch.device = "cpu") -> tuple[Generator, CheckpointMetadata]:
+    """Read a release checkpoint; return the generator (eval mode) and its metadata (every key but the weights).
 
     Raises MissingInputError (exit 66) with a one-line message when the file is absent, its sha256 differs
     from ``expected_sha256`` (hex), or it is truncated, corrupt or not a bssfp2dt release checkpoint.
@@ -104,11 +187,8 @@ def load_release_checkpoint(path: Path | str, expected_sha256: str | None = None
     except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError... for damaged files
         raise _load_error(path, error) from None
     _check_payload(path, payload)
-    spec = payload["generator"]
-    size = GeneratorSize(name=spec["name"], features=tuple(spec["features"]), head_hidden=spec["head_hidden"],
-                         dropout=spec["dropout"], norm=spec.get("norm", "batch"),
-                         structure_scales=tuple(spec.get("structure_scales", ())))
-    generator = Generator(size, spec["modalities"])
+    metadata = CheckpointMetadata.from_dict(payload)
+    generator = Generator(metadata.size, payload["generator"]["modalities"])
     try:
         generator.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as error:
@@ -116,7 +196,6 @@ def load_release_checkpoint(path: Path | str, expected_sha256: str | None = None
         raise MissingInputError(f"model checkpoint {path} does not match its own generator description "
                                 f"({first_line}); replace the file") from None
     generator.to(map_location).eval()
-    metadata = {key: value for key, value in payload.items() if key != "state_dict"}
     return generator, metadata
 
 

@@ -26,17 +26,23 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bssfp2dt import modalities
 from bssfp2dt.errors import Bssfp2dtError, MissingInputError, UsageError
+from bssfp2dt.training.recipes import RECIPES
+
+if TYPE_CHECKING:
+    from bssfp2dt.models.checkpoint import CheckpointMetadata
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_OVERLAP = 0.5  # fraction of the patch edge shared by neighbouring patches
-DEFAULT_PATCH_SIZE = 64  # voxels, for checkpoints that do not record their training patch
+#: Patch edge (voxels) for checkpoints that do not record their training patch: they predate the recipes, so the
+#: reference method's.
+DEFAULT_PATCH_SIZE = RECIPES["reference"].patch_size
 PROBE_EDGE = 16  # voxels: edge of the patch whose forward pass sizes the sliding-window batch
 LOG_NAME = "participant.log"
 #: Stems (name before the first dot) of the dataset-level files: dataset_description.json, README.md, .bidsignore.
@@ -49,7 +55,8 @@ class LoadedModel:
     """A checkpoint ready for inference.
 
     ``modality``: the input modality the generator is fed; ``normalization``: a
-    :class:`~bssfp2dt.preprocessing.normalization.Normalization`; ``metadata``: the checkpoint's metadata.
+    :class:`~bssfp2dt.preprocessing.normalization.Normalization`; ``metadata``: the checkpoint's
+    :class:`~bssfp2dt.models.checkpoint.CheckpointMetadata`.
     """
 
     generator: Any
@@ -59,12 +66,12 @@ class LoadedModel:
     version: str
     sha256: str
     path: Path
-    metadata: Mapping[str, Any]
+    metadata: CheckpointMetadata
 
     def description(self) -> dict[str, Any]:
         """The ``Model`` object of the prediction sidecars."""
         return {"Description": f"bssfp2dt generator {self.id} (version {self.version}), "
-                               f"{self.metadata['generator'].get('name')} size, stage {self.metadata.get('stage')}, "
+                               f"{self.metadata.size_name} size, stage {self.metadata.stage}, "
                                f"fed with {self.modality}",
                 "URL": MODEL_URL,
                 "Parameters": self.parameters()}
@@ -72,7 +79,7 @@ class LoadedModel:
     def parameters(self) -> dict[str, Any]:
         """Identity of the checkpoint (recorded in the tensor's ``Model.Parameters``)."""
         return {"ModelId": self.id, "ModelVersion": self.version, "ModelSha256": self.sha256,
-                "TrainingStage": self.metadata.get("stage"), "GeneratorSize": self.metadata["generator"].get("name")}
+                "TrainingStage": self.metadata.stage, "GeneratorSize": self.metadata.size_name}
 
 
 # --------------------------------------------------------------------------- entry point
@@ -173,16 +180,16 @@ def load_model(modality: str, model_path: Path | None, device) -> LoadedModel:
                                 f"{', '.join(generator.modalities)}); give a {modality} model with --model or "
                                 f"choose that --input-modality")
     try:
-        normalization = Normalization.from_dict(metadata["normalization"])
+        normalization = Normalization.from_dict(metadata.normalization)
         _require_normalization(normalization, modality)
     except UsageError as error:
         raise MissingInputError(f"model checkpoint {path}: {error.message}; re-export the checkpoint") from None
     registered = next((entry for entry in load_registry().values() if entry.id == model_id), None)
-    version = registered.version if registered is not None else str(metadata.get("version"))
+    version = registered.version if registered is not None else str(metadata.version)
     model = LoadedModel(generator=generator, modality=modality, normalization=normalization, id=model_id,
                         version=version, sha256=expected or sha256_file(path), path=path, metadata=metadata)
     logger.info("model %s (version %s, sha256 %s..., %s size, stage %s) loaded from %s in %.1f s", model.id,
-                model.version, model.sha256[:12], metadata["generator"].get("name"), metadata.get("stage"),
+                model.version, model.sha256[:12], metadata.size_name, metadata.stage,
                 path, time.perf_counter() - started)
     return model
 
@@ -292,8 +299,8 @@ def predict_tensor(config, session, model: LoadedModel, device) -> tuple[np.ndar
     patch_size = inference_patch_size(config, model)
     volume = network_input(session, model.modality, model.normalization, mask)
     generator = model.generator
-    out_channels = model.metadata["contract"]["output_channels"]
-    multiple = max(int(model.metadata["contract"].get("patch_multiple", 1)), 1)
+    out_channels = model.metadata.output_channels
+    multiple = model.metadata.patch_multiple
     probe_size = min(-(-PROBE_EDGE // multiple) * multiple, patch_size)  # small, yet a multiple the network takes
 
     def predictor_on(target: torch.device):
@@ -321,9 +328,8 @@ def inference_patch_size(config, model: LoadedModel) -> int:
     """Sliding-window patch edge (voxels): ``--patch-size``, else the patch the model was trained on (part of
     its contract: a network sees the context it learned with), else 64; UsageError (exit 64) when the
     model cannot take it."""
-    multiple = int(model.metadata["contract"].get("patch_multiple", 1))
-    trained = (model.metadata.get("config") or {}).get("patch_size")
-    patch_size = int(config.model.patch_size or trained or DEFAULT_PATCH_SIZE)
+    multiple = model.metadata.patch_multiple
+    patch_size = int(config.model.patch_size or model.metadata.patch_size or DEFAULT_PATCH_SIZE)
     if patch_size % multiple:
         raise UsageError(f"--patch-size {patch_size} is not a multiple of {multiple}, which this model needs; "
                          f"use e.g. {max(multiple, patch_size // multiple * multiple)}")

@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from bssfp2dt import modalities
 from bssfp2dt.errors import MissingInputError, UsageError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_SIZE = "reference"
 MODELS_FOLDER = "models"
 
 
@@ -173,13 +173,13 @@ def starting_point(stage, modality: str, init_checkpoint: Path | None, model_siz
         if init_checkpoint is not None and stage.init_from is None:
             raise UsageError(f"--train-stage {stage.name} starts from random weights; drop --init-checkpoint "
                              f"or give a {stage.name}-stage Lightning checkpoint (*.ckpt) to resume")
-        generator = initial_generator(stage, modality, model_size or DEFAULT_MODEL_SIZE, init_checkpoint,
+        generator = initial_generator(stage, modality, model_size or modalities.DEFAULT_MODEL_SIZE, init_checkpoint,
                                       **generator_options(recipe))
         normalization = None
         if init_checkpoint is not None:
             from bssfp2dt.models.checkpoint import load_release_checkpoint
 
-            normalization = Normalization.from_dict(load_release_checkpoint(init_checkpoint)[1]["normalization"])
+            normalization = Normalization.from_dict(load_release_checkpoint(init_checkpoint)[1].normalization)
         return StartingPoint(generator, normalization)
     return _from_lightning(stage, modality, Path(init_checkpoint))
 

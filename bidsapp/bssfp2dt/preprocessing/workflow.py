@@ -13,17 +13,18 @@ children. Settings are plain dicts, hashed by value. A rerun with the same work 
 executes no finished node again; a crash resumes from the failed node. Crash files go to
 ``output_dir/sub-<label>/log/<run-uuid>/`` (nipype's ``crashdump_dir``).
 
+The session types it returns live in :mod:`bssfp2dt.preprocessing.sessions`, the ``--write-preproc``
+writer in :mod:`bssfp2dt.preprocessing.derivatives`.
+
 Execution: ``MultiProc`` with ``n_procs = --nprocs`` (``Linear`` when 1). nipype's own loggers stay
 at WARNING unless ``-v``; one INFO line per step (with its run time, or "cached") is logged here.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -32,54 +33,15 @@ import numpy as np
 
 from bssfp2dt import modalities
 from bssfp2dt.errors import MissingInputError
+from bssfp2dt.preprocessing.derivatives import write_preprocessed
 from bssfp2dt.preprocessing.node_errors import is_dwi_node, node_failures, node_label, preprocessing_error
+from bssfp2dt.preprocessing.sessions import PreprocessedSubject, read_summary
 from bssfp2dt.preprocessing.steps import PreprocSettings, check_settings
 
 logger = logging.getLogger(__name__)
 
 HASH_METHOD = "content"
 NIPYPE_LOGGERS = ("nipype.workflow", "nipype.interface", "nipype.utils")
-
-
-@dataclass(frozen=True)
-class PreprocessedSession:
-    """Preprocessed images of one session, all float32 on the common grid (uint8 mask), not normalised.
-
-    Attributes:
-        t1w: T1w (scanner units), masked; also the common grid's reference (affine, shape).
-        brain_mask: uint8 brain mask.
-        gm, wm, csf: tissue probabilities (0..1).
-        bssfp: ``(X, Y, Z, 24)`` interleaved magnitude (scanner units) / phase (rad), or None.
-        tensor: ``(X, Y, Z, 6)`` DWI tensor (mm^2/s, BEP016, xyz frame), or None.
-        provenance: JSON of every step (registration parameters, skipped steps, timings).
-    """
-
-    subject: str
-    session: str | None
-    t1w_session: str | None
-    t1w: Path
-    brain_mask: Path
-    gm: Path
-    wm: Path
-    csf: Path
-    bssfp: Path | None
-    tensor: Path | None
-    provenance: Path
-
-
-@dataclass(frozen=True)
-class PreprocessedSubject:
-    """All preprocessed sessions of one subject."""
-
-    subject: str
-    sessions: tuple[PreprocessedSession, ...]
-
-    def session(self, label: str | None) -> PreprocessedSession:
-        """The session with this label (None for datasets without sessions)."""
-        for item in self.sessions:
-            if item.session == label:
-                return item
-        raise KeyError(f"sub-{self.subject} has no preprocessed session {label!r}")
 
 
 # --------------------------------------------------------------------------- node functions
@@ -408,8 +370,8 @@ def run_preprocessing(plan_or_config, subject_inputs, settings: PreprocSettings 
         raise preprocessing_error(subject_inputs, failures, crash_dir) from None
     _log_steps(graph, subject_inputs.subject, started)
     folder = Path(config.paths.work_dir) / workflow.name
-    subject = PreprocessedSubject(subject_inputs.subject, tuple(_read_summary(folder / name)
-                                                                for name in collect.values()))
+    summaries = (next((folder / name).glob("*_preproc.json")) for name in collect.values())
+    subject = PreprocessedSubject(subject_inputs.subject, tuple(read_summary(path) for path in summaries))
     if config.model.write_preproc:
         write_preprocessed(subject, config)
     return subject
@@ -445,80 +407,3 @@ def _log_steps(graph, subject: str, started: float) -> None:
         except (AttributeError, TypeError, FileNotFoundError):
             duration = float("nan")
         logger.info("sub-%s %s: %.1f s%s", subject, node.name, duration, " (cached)" if cached else "")
-
-
-def _read_summary(folder: Path) -> PreprocessedSession:
-    summary = next(folder.glob("*_preproc.json"))
-    record = json.loads(summary.read_text())
-    outputs = record["outputs"]
-
-    def path(key: str) -> Path | None:
-        return Path(outputs[key]) if outputs.get(key) else None
-
-    return PreprocessedSession(subject=record["subject"], session=record["session"],
-                               t1w_session=outputs.get("t1w_session"), t1w=path("t1w"),
-                               brain_mask=path("brain_mask"), gm=path("gm"), wm=path("wm"), csf=path("csf"),
-                               bssfp=path("bssfp"), tensor=path("tensor"), provenance=summary)
-
-
-# --------------------------------------------------------------------------- --write-preproc
-def write_preprocessed(subject: PreprocessedSubject, config) -> list[Path]:
-    """Copy the preprocessed images to ``output_dir`` as BIDS-Derivatives (``desc-preproc``) with sidecars.
-
-    bSSFP magnitude and phase become separate 12-volume images (``part-mag``/``part-phase``); masks and
-    tissue maps get the standard output names. Returns the written paths.
-    """
-    from bssfp2dt.io import derivatives
-    from bssfp2dt.io.nifti import write_json
-    from bssfp2dt.preprocessing.bssfp import deinterleave_channels
-
-    written: list[Path] = []
-    root = config.paths.output_dir
-    for session in subject.sessions:
-        record = json.loads(session.provenance.read_text())
-        sources = _sources(record, config.paths.bids_dir)
-        reference = sources[0] if sources else ""
-        names = derivatives.preproc_paths(subject.subject, session.session, root)
-        standard = derivatives.tensor_map_paths(subject.subject, session.session, modalities.DEFAULT.name, root)
-        t1w, affine = _array(session.t1w)
-        note = "not normalised; resampled to the common 2 mm T1w-space grid"
-        written.append(derivatives.write_image(t1w, affine, names.t1w, derivatives.preproc_sidecar(
-            sources, reference, f"T1w, brain-masked, {note}", "arbitrary")))
-        if session.bssfp is not None:
-            magnitude, phase = deinterleave_channels(_array(session.bssfp)[0])
-            for data, path, units, what in ((magnitude, names.bssfp_magnitude, "arbitrary", "magnitude"),
-                                            (phase, names.bssfp_phase, "rad", "phase")):
-                written.append(derivatives.write_image(data, affine, path, derivatives.preproc_sidecar(
-                    sources, reference, f"pc-bSSFP {what}, 12 phase cycles, {note}", units)))
-        if session.tensor is not None:
-            written.append(derivatives.write_image(_array(session.tensor)[0], affine, names.diffusivity,
-                                                   derivatives.preproc_sidecar(
-                sources, reference, f"DWI tensor (WLS fit), {note}", "mm^2/s",
-                extra={"OrientationEncoding": {"Type": "tensor", "TensorRank": 2, "EncodingAxis": 3,
-                                               "Reference": "xyz"}})))
-        maps = {name: _array(getattr(session, name))[0] for name in ("gm", "wm", "csf", "brain_mask")}
-        written.extend(derivatives.write_tensor_outputs(standard, maps, affine, sources, reference,
-                                                        modalities.DEFAULT.name))
-        log_dir = derivatives.subject_log_dir(root, subject.subject, config.run.run_uuid)
-        written.append(write_json(record, log_dir / session.provenance.name))
-    logger.info("sub-%s: wrote %d preprocessed images", subject.subject, len(written))
-    return written
-
-
-def _array(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    from bssfp2dt.io.nifti import load_nifti
-
-    return load_nifti(path)
-
-
-def _sources(record: dict, bids_dir: Path) -> list[str]:
-    """BIDS URIs of the raw inputs named in the step records (for ``Sources``)."""
-    from bssfp2dt.io.derivatives import bids_uri
-
-    found = []
-    for value in record.get("inputs", []):
-        try:
-            found.append(bids_uri(value, bids_dir))
-        except ValueError:  # an input outside bids_dir (e.g. a --derivatives file) has no raw URI
-            continue
-    return found

@@ -31,6 +31,7 @@ import torchio as tio
 from torch.utils.data import DataLoader, Sampler
 
 from bssfp2dt import modalities
+from bssfp2dt.config import TrainingSettings, field_default
 from bssfp2dt.errors import UsageError
 from bssfp2dt.models.generator import MODALITY_CHANNELS, PATCH_MULTIPLE, TENSOR_CHANNELS
 from bssfp2dt.preprocessing import normalization as norm
@@ -44,7 +45,7 @@ QUEUE_MAX_LENGTH = 16
 SAMPLES_PER_VOLUME = 8
 VALIDATION_SAMPLES_PER_VOLUME = 4
 DEFAULT_CACHE_MB = 4096.0  # loaded training subjects kept in memory (half of --mem when given)
-DEFAULT_FRACTIONS = (0.70, 0.15, 0.15)  # train, validation, test (by subject)
+DEFAULT_FRACTIONS = field_default(TrainingSettings, "split_fractions")  # train, validation, test (by subject)
 _EPOCH_STRIDE = 1_000_003  # a prime: (seed, epoch) pairs give distinct stream seeds
 _VALIDATION_STREAM = -1  # the "epoch" of the fixed validation patches
 
@@ -75,7 +76,7 @@ class TrainingPair:
 def input_sessions(subject, modality: str) -> list[tuple[Any, Path]]:
     """(preprocessed session, input image path) of every input session of ``modality`` in ``subject``.
 
-    ``subject``: :class:`bssfp2dt.preprocessing.workflow.PreprocessedSubject`. T1w sessions sharing one
+    ``subject``: :class:`bssfp2dt.preprocessing.sessions.PreprocessedSubject`. T1w sessions sharing one
     T1w image count once.
     """
     spec = modalities.BY_NAME.get(modality)

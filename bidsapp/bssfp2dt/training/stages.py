@@ -125,10 +125,10 @@ def initial_generator(stage: Stage, modality: str, size: str | GeneratorSize,
         raise UsageError(f"--train-stage {stage.name} starts from a {stage.describe_start()} checkpoint; "
                          f"give it with --init-checkpoint")
     generator, metadata = load_release_checkpoint(init_checkpoint)
-    if metadata["stage"] not in stage.starts_from:
-        raise UsageError(f"--init-checkpoint {init_checkpoint} was written by the {metadata['stage']} stage; "
+    if metadata.stage not in stage.starts_from:
+        raise UsageError(f"--init-checkpoint {init_checkpoint} was written by the {metadata.stage} stage; "
                          f"--train-stage {stage.name} needs a {stage.describe_start()} checkpoint")
-    if metadata["stage"] != "autoencoder" and metadata["modality"] != input_modality:
-        raise UsageError(f"--init-checkpoint {init_checkpoint} was trained on {metadata['modality']}, not "
+    if metadata.stage != "autoencoder" and metadata.modality != input_modality:
+        raise UsageError(f"--init-checkpoint {init_checkpoint} was trained on {metadata.modality}, not "
                          f"{input_modality}; give the checkpoint of the same modality")
     return generator.train()
