@@ -58,6 +58,7 @@ GENERATOR_SIZES: dict[str, GeneratorSize] = {
 }
 NORMS = ("batch", "none")
 STRUCTURE_MAPS = 2  # learned contrast maps whose structure tensors feed each head
+COMPONENT_PAIRS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))  # (row, column) of the BEP016 components
 CONTRAST_HIDDEN = 16  # hidden channels of the contrast maps' 3x3x3 layer
 
 
@@ -155,8 +156,7 @@ class StructureTensorFeatures(nn.Module):
         gradients = [(padded[:, :, 2:, 1:-1, 1:-1] - padded[:, :, :-2, 1:-1, 1:-1]) / 2,
                      (padded[:, :, 1:-1, 2:, 1:-1] - padded[:, :, 1:-1, :-2, 1:-1]) / 2,
                      (padded[:, :, 1:-1, 1:-1, 2:] - padded[:, :, 1:-1, 1:-1, :-2]) / 2]
-        products = torch.cat([gradients[i] * gradients[j] for i, j in ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2),
-                                                                        (2, 2))], dim=1)  # (B, 6 M, ...)
+        products = torch.cat([gradients[i] * gradients[j] for i, j in COMPONENT_PAIRS], dim=1)  # (B, 6 M, ...)
         features = []
         for index in range(len(self.scales)):
             smoothed = gaussian_smooth(products, self.scales[index])
@@ -178,8 +178,7 @@ def least_varying_dyadic(components: torch.Tensor, maps: int) -> torch.Tensor:
         six = components.detach().double().reshape(b, 6, maps, x, y, z).movedim(1, -1)
         matrix = six[..., [0, 1, 2, 1, 3, 4, 2, 4, 5]].reshape(*six.shape[:-1], 3, 3)
         axis = torch.linalg.eigh(matrix)[1][..., 0]  # (B, M, X, Y, Z, 3), eigenvalues ascending
-        dyadic = torch.stack([axis[..., i] * axis[..., j] for i, j in ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))],
-                             dim=1)  # (B, 6, M, X, Y, Z)
+        dyadic = torch.stack([axis[..., i] * axis[..., j] for i, j in COMPONENT_PAIRS], dim=1)  # (B, 6, M, ...)
     return dyadic.reshape(b, 6 * maps, x, y, z).to(components.dtype)
 
 

@@ -26,6 +26,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from bssfp2dt.training.losses import deviatoric_norm
+
 logger = logging.getLogger(__name__)
 
 MAX_VOXELS = 200_000  # per fit: a seeded subsample of the brain voxels keeps the normal equations small
@@ -35,7 +37,6 @@ CONTRAST_VOXELS = 40_000  # neighbourhoods in the contrast network's fit
 CONTRAST_STEPS = 400
 CONTRAST_RATE = 3e-3
 IDENTITY6 = np.array([1.0, 0, 0, 1, 0, 1])
-FROBENIUS6 = np.array([1.0, 2, 2, 1, 2, 1])
 
 
 def _least_squares(design: np.ndarray, target: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
@@ -95,9 +96,8 @@ def _fit_contrast(structure, volumes, chosen, rng: np.random.Generator, seed: in
 
 
 def _deviatoric_norm(log6: np.ndarray) -> np.ndarray:
-    """Frobenius norm (N,) of the trace-free part of log-tensors (N, 6), BEP016 order."""
-    deviatoric = log6 - (log6[:, [0, 3, 5]].sum(axis=1, keepdims=True) / 3.0) * IDENTITY6
-    return np.sqrt((deviatoric ** 2 * FROBENIUS6).sum(axis=1))
+    """Frobenius norm (N,) of the trace-free part of log-tensors (N, 6) (``training.losses.deviatoric_norm``)."""
+    return deviatoric_norm(torch.from_numpy(log6))[:, 0].numpy()
 
 
 def _calibrate_anisotropy(solution: np.ndarray, design: np.ndarray, target: np.ndarray,
