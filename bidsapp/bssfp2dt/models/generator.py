@@ -80,6 +80,15 @@ def check_modality(modality: str) -> int:
         raise ValueError(f"unknown modality {modality!r}; choose one of {sorted(MODALITY_CHANNELS)}") from None
 
 
+def scale_anisotropy(log_tensor: torch.Tensor, gain: float) -> torch.Tensor:
+    """Log-tensors (B, 6, ...) (BEP016 order) with the trace-free part times ``gain`` and the trace kept: in the
+    log-Euclidean coordinates the eigenvectors and the MD stay, the anisotropy (FA) grows with ``gain``."""
+    trace_third = (log_tensor[:, 0:1] + log_tensor[:, 3:4] + log_tensor[:, 5:6]) / 3.0
+    isotropic = torch.zeros_like(log_tensor)
+    isotropic[:, [0, 3, 5]] = trace_third
+    return isotropic + gain * (log_tensor - isotropic)
+
+
 class InputHead(nn.Module):
     """Residual block (B, C_in, X, Y, Z) -> (B, 24, X, Y, Z): three 3x3x3 convolutions with instance norm
     (``normalise``; none for the ``"none"`` generators) and ReLU, plus a 1x1x1 projection on the skip path
@@ -109,6 +118,14 @@ class InputHead(nn.Module):
             self.shortcut = nn.Conv3d(self.structure.out_channels, TENSOR_CHANNELS, 1)
             nn.init.zeros_(self.shortcut.weight)
             nn.init.zeros_(self.shortcut.bias)
+        # Gain of the output's trace-free (anisotropic) part, set after training by
+        # ``training.calibration``: 1 leaves the output as the network computes it.
+        self.register_buffer("anisotropy_gain", torch.ones(()))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the calibration existed have no gain: theirs is 1.
+        state_dict.setdefault(prefix + "anisotropy_gain", torch.ones(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features_and_shortcut(x)[0]
@@ -248,9 +265,12 @@ class Generator(nn.Module):
                              f"got {tuple(x.shape)}")
         if any(side % PATCH_MULTIPLE for side in x.shape[2:]):
             raise ValueError(f"patch sides must be multiples of {PATCH_MULTIPLE}, got {tuple(x.shape[2:])}")
-        features, shortcut = self.heads[modality].features_and_shortcut(x)
+        head = self.heads[modality]
+        features, shortcut = head.features_and_shortcut(x)
         output = self.backbone(features)
-        return output if shortcut is None else output + shortcut
+        output = output if shortcut is None else output + shortcut
+        gain = float(head.anisotropy_gain)
+        return output if gain == 1.0 else scale_anisotropy(output, gain)
 
     def set_output_offset(self, values) -> None:
         """Set the bias of the last convolution to ``values`` (6,), the normalised tensor a fresh network

@@ -39,6 +39,7 @@ def run_training(plan) -> int:
     from bssfp2dt.config import save_toml
     from bssfp2dt.inference.device import configure_cpu_threads
     from bssfp2dt.training import data
+    from bssfp2dt.training.calibration import calibrate_anisotropy
     from bssfp2dt.training.initialisation import initialise_structure_head
     from bssfp2dt.training.module import Bssfp2dtGAN
     from bssfp2dt.training.recipes import get_recipe
@@ -85,6 +86,8 @@ def run_training(plan) -> int:
         weights = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(weights)
         logger.info("release weights from %s", best.name)
+    if recipe.tensor_transform == "log":
+        calibrate_anisotropy(module.generator, input_modality, datamodule.training_volumes())
     release = module.export_release(run_dir / "model.pt", config=release_config(config_path, split, patch_size),
                                     normalization=normalization.to_dict())
     logger.info("training stage %s finished in %.0f s: %s", stage.name, time.time() - started, release)

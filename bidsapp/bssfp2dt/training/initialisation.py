@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from bssfp2dt.training.losses import deviatoric_norm
+from bssfp2dt.training.calibration import median_anisotropy_ratio
 
 logger = logging.getLogger(__name__)
 
@@ -95,11 +95,6 @@ def _fit_contrast(structure, volumes, chosen, rng: np.random.Generator, seed: in
                 "explained", len(inputs), 100 * explained)
 
 
-def _deviatoric_norm(log6: np.ndarray) -> np.ndarray:
-    """Frobenius norm (N,) of the trace-free part of log-tensors (N, 6) (``training.losses.deviatoric_norm``)."""
-    return deviatoric_norm(torch.from_numpy(log6))[:, 0].numpy()
-
-
 def _calibrate_anisotropy(solution: np.ndarray, design: np.ndarray, target: np.ndarray,
                           white: np.ndarray) -> np.ndarray:
     """Scale the trace-free part of the shortcut's map (``solution`` (F + 1, 6)) so that the median anisotropy
@@ -109,7 +104,7 @@ def _calibrate_anisotropy(solution: np.ndarray, design: np.ndarray, target: np.n
     if region.sum() < 10:
         return solution
     fitted = design[region] @ solution[:-1] + solution[-1] + target.mean(axis=0)
-    factor = np.median(_deviatoric_norm(target[region])) / max(np.median(_deviatoric_norm(fitted)), 1e-6)
+    factor = median_anisotropy_ratio(target[region], fitted)
     trace_part = (solution[:, [0, 3, 5]].sum(axis=1, keepdims=True) / 3.0) * IDENTITY6
     logger.info("shortcut anisotropy scaled x%.2f to the training targets' white-matter median", factor)
     return trace_part + factor * (solution - trace_part)
