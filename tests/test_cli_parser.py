@@ -203,6 +203,7 @@ def test_preprocessing_options_reach_the_workflow_settings(tmp_path):
     off = config_from_args(parse_args([str(bids), str(tmp_path / "out"), "participant", "--unringing-method", "none",
                                        "--hmc_model", "none"]), "run", DEFAULT_QUERIES)
     assert not settings_from_config(off).gibbs and not settings_from_config(off).motion_correction
+    assert default.preprocessing.denoise_method == "none" and settings_from_config(default).denoise == "none"
     assert load_toml(save_toml(off, tmp_path / "c.toml")) == off
     with pytest.raises(SystemExit) as raised:
         parse_args([str(bids), str(tmp_path / "out"), "participant", "--hmc-model", "eddy"])
@@ -275,4 +276,33 @@ def test_parser_defaults_are_the_config_defaults():
                 assert args[dest] == expected, dest
             checked.add(dest)
     assert {"device", "batch_size", "max_epochs", "lr_schedule", "recipe", "patience", "split_fractions", "seed",
-            "unringing_method", "hmc_model", "registration_backend", "input_modality", "verbose"} <= checked
+            "unringing_method", "denoise_method", "hmc_model", "registration_backend", "input_modality",
+            "verbose"} <= checked
+
+
+def test_denoise_method_dwidenoise_reaches_the_settings_or_stops_the_run_without_mrtrix(tmp_path, monkeypatch):
+    """--denoise-method dwidenoise (QSIPrep's name): MRtrix3's MP-PCA; without the binary a one-line usage
+    error (exit 64) that names the Debian package."""
+    from bssfp2dt.cli.parser import parse_args
+    from bssfp2dt.config import config_from_args, load_toml, save_toml
+    from bssfp2dt.errors import UsageError
+    from bssfp2dt.io.bids import DEFAULT_QUERIES
+    from bssfp2dt.preprocessing import dwi
+    from bssfp2dt.preprocessing.workflow import settings_from_config
+
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    (bids / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.10.0"}')
+    config = config_from_args(parse_args([str(bids), str(tmp_path / "out"), "participant", "--denoise-method",
+                                          "dwidenoise"]), "run", DEFAULT_QUERIES)
+    assert config.preprocessing.denoise_method == "dwidenoise"
+    assert load_toml(save_toml(config, tmp_path / "c.toml")) == config
+    monkeypatch.setattr(dwi, "dwidenoise_available", lambda: True)
+    assert settings_from_config(config).denoise == "dwidenoise"
+    monkeypatch.setattr(dwi, "dwidenoise_available", lambda: False)
+    with pytest.raises(UsageError, match="Debian package mrtrix3") as raised:
+        settings_from_config(config)
+    assert raised.value.exit_code == 64 and "\n" not in raised.value.message
+    with pytest.raises(SystemExit) as raised:
+        parse_args([str(bids), str(tmp_path / "out"), "participant", "--denoise-method", "mppca"])
+    assert raised.value.code == 64

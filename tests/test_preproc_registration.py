@@ -141,3 +141,12 @@ def test_ants_transform_conversion_matches_itk_definition():
     np.testing.assert_allclose(matrix[:3, :3] @ centre + matrix[:3, 3], centre + shift, atol=1e-12)
     point = np.array([10.0, 0.0, -3.0])
     np.testing.assert_allclose(matrix[:3, :3] @ point + matrix[:3, 3], rotation @ (point - centre) + centre + shift)
+
+
+def test_levels_for_shape_drops_only_the_levels_too_coarse_for_the_image():
+    settings = reg.RegistrationSettings(level_iters=(100, 50, 10), sigmas=(2.0, 1.0, 0.0), factors=(4, 2, 1))
+    assert reg.levels_for_shape(settings, (78, 101, 91, 68)) is settings  # 2 mm head: 19 voxels at 4x
+    small = reg.levels_for_shape(settings, (26, 26, 26))
+    assert small.factors == (2, 1) and small.sigmas == (1.0, 0.0) and small.level_iters == (100, 10)
+    tiny = reg.levels_for_shape(settings, (10, 10, 10))
+    assert tiny.factors == (1,) and tiny.level_iters == (100,)

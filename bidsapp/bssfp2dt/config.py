@@ -98,9 +98,12 @@ class ModelSettings:
 class PreprocessingOptions:
     """Optional preprocessing steps (QSIPrep's option names): Gibbs-ringing removal of bSSFP and DWI
     (``auto``: MRtrix3's ``mrdegibbs`` when on the PATH, else ``dipy``; ``mrdegibbs``, ``dipy`` or ``none``),
-    DWI head-motion correction (``rigid`` or ``none``) and the registration back end (``ants`` or ``dipy``)."""
+    DWI denoising (``dwidenoise``: MRtrix3's MP-PCA, or ``none``: the packaged models were trained on
+    non-denoised DWI targets), DWI head-motion correction (``rigid`` or ``none``) and the registration back end
+    (``ants`` or ``dipy``)."""
 
     unringing_method: str = "auto"
+    denoise_method: str = "none"
     hmc_model: str = "rigid"
     registration_backend: str = "ants"
 
@@ -263,7 +266,8 @@ def config_from_args(args: argparse.Namespace, run_uuid: str,
         run=RunSettings(run_uuid=run_uuid, skip_bids_validation=args.skip_bids_validation,
                         stop_on_first_crash=args.stop_on_first_crash, dry_run=args.dry_run,
                         verbosity=args.verbose, reports_only=getattr(args, "reports_only", False)),
-        preprocessing=PreprocessingOptions(unringing_method=args.unringing_method, hmc_model=args.hmc_model,
+        preprocessing=PreprocessingOptions(unringing_method=args.unringing_method,
+                                           denoise_method=args.denoise_method, hmc_model=args.hmc_model,
                                            registration_backend=args.registration_backend),
     )
 

@@ -39,6 +39,7 @@ DEFAULTS_FROM: dict[str, tuple[type, str]] = {
     "batch_size": (ModelSettings, "batch_size"),
     "write_preproc": (ModelSettings, "write_preproc"),
     "unringing_method": (PreprocessingOptions, "unringing_method"),
+    "denoise_method": (PreprocessingOptions, "denoise_method"),
     "hmc_model": (PreprocessingOptions, "hmc_model"),
     "registration_backend": (PreprocessingOptions, "registration_backend"),
     "max_epochs": (TrainingSettings, "max_epochs"),
@@ -246,6 +247,11 @@ def build_parser(describe: Callable[[], str] | None = None) -> BidsAppArgumentPa
                                help="Gibbs-ringing removal of bSSFP and DWI (sub-voxel shifts): MRtrix3's "
                                     "mrdegibbs (Debian package mrtrix3), dipy's, auto (mrdegibbs when on the PATH, "
                                     "else dipy) or none (data without ringing, e.g. simulated) (default: %(default)s)")
+    preprocessing.add_argument("--denoise-method", "--denoise_method", dest="denoise_method",
+                               choices=("dwidenoise", "none"), default=default("denoise_method"),
+                               help="MP-PCA denoising of the DWI, the evaluation's reference: MRtrix3's dwidenoise "
+                                    "(Debian package mrtrix3) or none; none by default because the packaged models "
+                                    "were trained on non-denoised DWI targets (default: %(default)s)")
     preprocessing.add_argument("--hmc-model", "--hmc_model", dest="hmc_model", choices=("rigid", "none"),
                                default=default("hmc_model"),
                                help="DWI head-motion correction: rigid registration of every volume with "

@@ -91,9 +91,12 @@ def check_participant(plan) -> dict[str, Any]:
     from bssfp2dt.inference.device import configure_cpu_threads, resolve_device
     from bssfp2dt.spaces.normalize import prepare_templates
 
+    from bssfp2dt.preprocessing.workflow import settings_from_config
+
     config = plan.config
     if config.run.reports_only:
         return {}
+    settings_from_config(config)  # a tool the options ask for but the PATH lacks (dwidenoise, mrdegibbs): exit 64
     configure_cpu_threads(config.resources.omp_nthreads)
     device = resolve_device(config.resources.device)
     model = load_model(config.selection.input_modality, config.model.model, device)

@@ -83,6 +83,7 @@ def run_settings(config) -> dict[str, str]:
     return {"bssfp2dt version": config.run.version,
             "input modality": config.selection.input_modality,
             "Gibbs-ringing removal (--unringing-method)": config.preprocessing.unringing_method,
+            "DWI denoising (--denoise-method)": config.preprocessing.denoise_method,
             "DWI head-motion correction (--hmc-model)": config.preprocessing.hmc_model,
             "output spaces": " ".join(getattr(config.model, "output_spaces", ("T1w",))),
             "patch size (voxels)": str(config.model.patch_size), "device": config.resources.device}

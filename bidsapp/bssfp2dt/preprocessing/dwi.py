@@ -10,20 +10,26 @@ before they are used here. Transforms follow :mod:`bssfp2dt.preprocessing.regist
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from bssfp2dt.errors import InputOutputError, MissingInputError, UsageError
-from bssfp2dt.preprocessing.registration import RegistrationSettings, register
+from bssfp2dt.preprocessing.registration import RegistrationSettings, levels_for_shape, register
 from bssfp2dt.preprocessing.resampling import axis_directions, resample, rotation_part
 
 logger = logging.getLogger(__name__)
 
 #: b-values at or below this (s/mm^2) count as b0 (scanners report b=5..50 for "b0").
 B0_THRESHOLD = 50.0
-DENOISE_METHODS = ("none", "mppca", "patch2self")
+#: Denoising methods of :func:`denoise`; ``--denoise-method`` offers "dwidenoise" and "none".
+DENOISE_METHODS = ("none", "dwidenoise", "mppca", "patch2self")
+DENOISE_DESCRIPTIONS = {"dwidenoise": "MRtrix3 dwidenoise (MP-PCA, 5x5x5 window; nipype DWIDenoise)",
+                        "mppca": "dipy mppca (MP-PCA)", "patch2self": "dipy patch2self"}
+MRTRIX_PACKAGE = "mrtrix3"
 
 
 def read_bvals_bvecs(bval_path: Path | str, bvec_path: Path | str) -> tuple[np.ndarray, np.ndarray]:
@@ -102,11 +108,30 @@ def remove_gibbs(dwi: np.ndarray, slice_axis: int = 2, num_processes: int = 1, m
     return remove_gibbs_real(dwi, method=method, slice_axis=slice_axis, threads=num_processes)
 
 
-def denoise(dwi: np.ndarray, bvals: np.ndarray, method: str = "mppca", mask: np.ndarray | None = None,
-            patch_radius: int = 2) -> np.ndarray:
-    """Optional denoising of the DWI series.
+def dwidenoise_available() -> bool:
+    """Whether MRtrix3's ``dwidenoise`` is on the PATH."""
+    return shutil.which("dwidenoise") is not None
 
-    ``"mppca"`` (default): dipy's Marchenko-Pastur PCA (Veraart et al. 2016) on local patches; it
+
+def check_denoise_method(method: str) -> str:
+    """``method`` when it can run here; :class:`UsageError` (exit 64) for an unknown method or a missing
+    ``dwidenoise``."""
+    if method not in DENOISE_METHODS:
+        raise UsageError(f"denoising method {method!r} unknown: use one of {', '.join(DENOISE_METHODS)}")
+    if method == "dwidenoise" and not dwidenoise_available():
+        raise UsageError(f"--denoise-method dwidenoise: dwidenoise is not on the PATH; install MRtrix3 (Debian "
+                         f"package {MRTRIX_PACKAGE}) or use --denoise-method none")
+    return method
+
+
+def denoise(dwi: np.ndarray, bvals: np.ndarray, method: str = "mppca", mask: np.ndarray | None = None,
+            patch_radius: int = 2, threads: int = 1) -> np.ndarray:
+    """Optional denoising of the DWI series; run it first, on the data as acquired (MP-PCA assumes noise
+    that no interpolation or ringing removal has touched).
+
+    ``"dwidenoise"``: MRtrix3's MP-PCA (Veraart et al. 2016; QSIPrep's default) through nipype's
+    ``DWIDenoise``, 5x5x5 windows, ``threads`` threads (its result does not depend on them).
+    ``"mppca"``: dipy's Marchenko-Pastur PCA (Veraart et al. 2016) on local patches; it
     estimates the noise level itself, needs no training and runs in seconds on a 2 mm brain, so it
     is the offline default. ``"patch2self"``: dipy's self-supervised regression across volumes
     (stronger on many-direction data, but slower). ``"none"``: returned unchanged.
@@ -114,17 +139,19 @@ def denoise(dwi: np.ndarray, bvals: np.ndarray, method: str = "mppca", mask: np.
     Args:
         dwi: ``(X, Y, Z, N)`` scanner units.
         bvals: ``(N,)`` s/mm^2 (patch2self needs them to treat b0s apart).
-        method: "none", "mppca" or "patch2self".
+        method: "none", "dwidenoise", "mppca" or "patch2self".
         mask: optional boolean ``(X, Y, Z)`` for mppca (voxels outside are left out).
         patch_radius: mppca patch radius (voxels); the patch must hold more voxels than volumes.
+        threads: dwidenoise's threads.
     Returns:
         ``(X, Y, Z, N)`` float64.
     """
-    if method not in DENOISE_METHODS:
-        raise UsageError(f"denoising method {method!r} unknown: use one of {', '.join(DENOISE_METHODS)}")
+    check_denoise_method(method)
     dwi = _check_dwi(dwi, bvals)
     if method == "none":
         return dwi
+    if method == "dwidenoise":
+        return _dwidenoise(dwi, threads)
     if method == "mppca":
         from dipy.denoise.localpca import mppca
 
@@ -134,6 +161,20 @@ def denoise(dwi: np.ndarray, bvals: np.ndarray, method: str = "mppca", mask: np.
 
     return np.asarray(patch2self(dwi, np.asarray(bvals, dtype=np.float64), model="ols",
                                  shift_intensity=True, clip_negative_vals=False), dtype=np.float64)
+
+
+def _dwidenoise(dwi: np.ndarray, threads: int) -> np.ndarray:
+    """Run ``dwidenoise`` on a float32 NIfTI copy of ``dwi`` in a private temporary folder."""
+    import nibabel as nib
+    from nipype.interfaces.mrtrix3 import DWIDenoise
+
+    with tempfile.TemporaryDirectory(prefix="bssfp2dt_dwidenoise_") as folder:
+        source, target = Path(folder) / "in.nii", Path(folder) / "out.nii"
+        nib.save(nib.Nifti1Image(dwi.astype(np.float32), np.eye(4)), str(source))
+        interface = DWIDenoise(in_file=str(source), out_file=str(target), noise=str(Path(folder) / "noise.nii"),
+                               extent=(5, 5, 5), nthreads=max(int(threads), 1), args="-quiet -datatype float32")
+        interface.run(cwd=folder)
+        return np.asarray(nib.load(str(target)).dataobj, dtype=np.float64).reshape(dwi.shape)
 
 
 def rotate_bvecs(bvecs: np.ndarray, transforms: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -210,6 +251,7 @@ def motion_correct(dwi: np.ndarray, affine: np.ndarray, bvals: np.ndarray, bvecs
     if bvecs.shape != (dwi.shape[-1], 3):
         raise UsageError(f"bvecs shape {bvecs.shape} does not match {dwi.shape[-1]} DWI volumes")
     b0s = b0_indices(bvals, threshold)
+    settings = levels_for_shape(settings, dwi.shape)  # a small field of view skips the coarsest levels
 
     first = dwi[..., b0s[0]]
     jobs = [(dwi[..., i], first, affine, mask, settings, order) for i in b0s[1:]]

@@ -56,6 +56,28 @@ class RegistrationSettings:
                              f"{', '.join(REGISTRATION_BACKENDS)}")
 
 
+#: A multi-resolution level is used only when its shrunk grid holds at least this many voxels along every axis.
+MIN_LEVEL_VOXELS = 12
+
+
+def levels_for_shape(settings: RegistrationSettings, shape: tuple[int, ...],
+                     min_voxels: int = MIN_LEVEL_VOXELS) -> RegistrationSettings:
+    """``settings`` without the coarse levels that would shrink an image of ``shape`` below ``min_voxels`` along
+    an axis (too few voxels to hold the head's shape); the coarsest level kept takes the coarsest level's
+    iterations, so the optimiser still gets its long first run. Unchanged when every level fits."""
+    import dataclasses
+
+    keep = [i for i, factor in enumerate(settings.factors) if min(shape[:3]) / factor >= min_voxels or factor == 1]
+    keep = keep or [len(settings.factors) - 1]
+    if len(keep) == len(settings.factors):
+        return settings
+    iterations = [settings.level_iters[i] for i in keep]
+    iterations[0] = max(iterations[0], settings.level_iters[0])
+    return dataclasses.replace(settings, level_iters=tuple(iterations),
+                               sigmas=tuple(settings.sigmas[i] for i in keep),
+                               factors=tuple(settings.factors[i] for i in keep))
+
+
 def register(static: np.ndarray, static_affine: np.ndarray, moving: np.ndarray,
              moving_affine: np.ndarray, kind: str = "rigid",
              settings: RegistrationSettings = RegistrationSettings(),

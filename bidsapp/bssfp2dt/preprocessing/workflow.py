@@ -298,6 +298,7 @@ class _NodeErrorFilter(logging.Filter):
 
 def settings_from_config(config) -> PreprocSettings:
     """Preprocessing settings implied by a run :class:`bssfp2dt.config.Config`."""
+    from bssfp2dt.preprocessing.dwi import check_denoise_method
     from bssfp2dt.preprocessing.steps import motion_settings, registration_settings
     from bssfp2dt.preprocessing.unringing import resolve_method
 
@@ -306,6 +307,7 @@ def settings_from_config(config) -> PreprocSettings:
     backend = getattr(options, "registration_backend", "ants")
     return PreprocSettings(single_bssfp=modalities.get(config.selection.input_modality).single_cycle, gibbs=gibbs,
                            unringing=resolve_method(options.unringing_method if gibbs else "auto"),
+                           denoise=check_denoise_method(getattr(options, "denoise_method", "none")),
                            motion_correction=options.hmc_model != "none",
                            registration=registration_settings(backend), motion_registration=motion_settings(backend),
                            omp_nthreads=config.resources.omp_nthreads)
