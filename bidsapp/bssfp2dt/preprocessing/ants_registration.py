@@ -120,7 +120,7 @@ def register_ants(static: np.ndarray, static_affine: np.ndarray, moving: np.ndar
     from ants.internal import get_lib_fn, get_pointer_string, process_arguments
 
     fixed, mover = to_ants(static, static_affine), to_ants(moving, moving_affine)
-    images = [fixed, mover, fixed.clone(), mover.clone()]  # kept alive: ANTs reads them through pointers
+    images = [fixed, mover]  # kept alive: ANTs reads them through pointers
     fixed_ptr, moving_ptr = get_pointer_string(fixed), get_pointer_string(mover)
     masks = []
     for mask, reference in ((static_mask, static_affine), (moving_mask, moving_affine)):
@@ -135,7 +135,7 @@ def register_ants(static: np.ndarray, static_affine: np.ndarray, moving: np.ndar
             *_stages(kind, settings, f"MI[{fixed_ptr},{moving_ptr},1,{settings.nbins},Regular,{proportion}]",
                      f"[{masks[0]},{masks[1]}]"),
             "-u", "0", "-z", "1",
-            "--output", f"[{prefix},{get_pointer_string(images[2])},{get_pointer_string(images[3])}]",
+            "--output", str(prefix),  # the transform only: no warped images (two full resamplings per call)
             "--random-seed", str(SEED)]
         status = get_lib_fn("antsRegistration")(process_arguments(arguments))
         if status != 0:
