@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,16 +255,17 @@ def motion_correct(dwi: np.ndarray, affine: np.ndarray, bvals: np.ndarray, bvecs
     settings = levels_for_shape(settings, dwi.shape)  # a small field of view skips the coarsest levels
 
     first = dwi[..., b0s[0]]
-    jobs = [(dwi[..., i], first, affine, mask, settings, order) for i in b0s[1:]]
-    aligned_b0s = [first] + [result[1] for result in _map(_align_volume, jobs, n_procs)]
-    reference = np.mean(aligned_b0s, axis=0)
-    jobs = [(dwi[..., i], reference, affine, mask, settings, order) for i in range(dwi.shape[-1])]
     transforms = np.empty((dwi.shape[-1], 4, 4))
     corrected = np.empty_like(dwi)
-    for i, (transform, volume) in enumerate(_map(_align_volume, jobs, n_procs)):
-        transforms[i], corrected[..., i] = transform, volume
-        logger.debug("volume %d: rotation %.3f deg", i, np.degrees(np.arccos(
-            np.clip((np.trace(rotation_part(transforms[i][:3, :3])) - 1) / 2, -1, 1))))
+    with _workers(min(int(n_procs), dwi.shape[-1])) as pool:  # one pool for both passes: workers start once
+        jobs = [(dwi[..., i], first, affine, mask, settings, order) for i in b0s[1:]]
+        aligned_b0s = [first] + [result[1] for result in _map(_align_volume, jobs, pool)]
+        reference = np.mean(aligned_b0s, axis=0)
+        jobs = [(dwi[..., i], reference, affine, mask, settings, order) for i in range(dwi.shape[-1])]
+        for i, (transform, volume) in enumerate(_map(_align_volume, jobs, pool)):
+            transforms[i], corrected[..., i] = transform, volume
+            logger.debug("volume %d: rotation %.3f deg", i, np.degrees(np.arccos(
+                np.clip((np.trace(rotation_part(transforms[i][:3, :3])) - 1) / 2, -1, 1))))
     return MotionCorrection(dwi=corrected, bvecs=rotate_bvecs(bvecs, transforms, affine), transforms=transforms)
 
 
@@ -274,20 +276,28 @@ def _align_volume(job: tuple) -> tuple[np.ndarray, np.ndarray]:
     return transform, resample(volume, affine, volume.shape, affine, transform, order=order)
 
 
-def _map(function, jobs: list, n_procs: int) -> list:
-    """``[function(job) for job in jobs]``, over ``n_procs`` spawned processes when > 1, in order.
+@contextmanager
+def _workers(n_procs: int):
+    """``n_procs`` spawned worker processes (None when 1 or fewer: the jobs run here, one after the other).
 
     Spawned, not forked: the parent may hold OpenMP (torch) or ITK thread pools, which a fork can
     leave locked in the child.
     """
-    n_procs = min(int(n_procs), len(jobs))
     if n_procs <= 1:
-        return [function(job) for job in jobs]
+        yield None
+        return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(max_workers=n_procs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(function, jobs))
+        yield pool
+
+
+def _map(function, jobs: list, pool) -> list:
+    """``[function(job) for job in jobs]``, in order, over ``pool``'s processes (here when ``pool`` is None)."""
+    if pool is None or len(jobs) <= 1:
+        return [function(job) for job in jobs]
+    return list(pool.map(function, jobs))
 
 
 def _check_dwi(dwi: np.ndarray, bvals: np.ndarray) -> np.ndarray:
