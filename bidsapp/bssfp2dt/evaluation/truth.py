@@ -41,23 +41,46 @@ def on_grid(path: Path, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarra
     return resampled[0] if data.ndim == 3 else np.stack(resampled, axis=-1)
 
 
+def tracts_path(bids_dir: Path | str, subject: str) -> Path | None:
+    """The simulator's tract mask of ``subject`` (the boxes of the major tracts), None for datasets written
+    before it existed."""
+    path = Path(bids_dir) / TRUTH / f"sub-{subject}" / "anat" / f"sub-{subject}_space-T1w_desc-tracts_mask.nii.gz"
+    return path if path.is_file() else None
+
+
 def white_matter_errors(prediction: np.ndarray, affine: np.ndarray, bids_dir: Path | str,
                         subject: str) -> dict[str, float]:
     """Median WM errors of ``prediction`` (X, Y, Z, 6) mm^2/s on the grid ``affine`` against the truth.
 
     Returns ``v1_angle`` (degrees, sign-invariant), ``fa_error`` and ``md_error`` (|pred - ref| / ref),
     ``fa_ratio`` (pred / ref FA), ``voxels`` (WM voxels compared) and ``non_finite`` (non-finite predicted
-    voxels anywhere in the brain's bounding volume).
+    voxels anywhere in the brain's bounding volume). Where the dataset has the tract mask, the same four
+    medians inside the tracts (``tract_*``: one known direction per tract, learnable only from context) and in
+    the other white matter (``other_*``: fibres along the WM map's structure), NaN for an empty part.
     """
     tensor_path, wm_path = truth_paths(bids_dir, subject)
     reference = on_grid(tensor_path, prediction.shape, affine)
     region = on_grid(wm_path, prediction.shape, affine) > WM_PROBABILITY
     predicted = tensor_maps(prediction, region)
     truth = tensor_maps(reference, region)
+    errors = {**_median_errors(predicted, truth, region), "voxels": int(region.sum()),
+              "non_finite": int((~np.isfinite(prediction)).any(axis=-1).sum())}
+    tracts = tracts_path(bids_dir, subject)
+    if tracts is not None:
+        in_tract = on_grid(tracts, prediction.shape, affine) > 0.5
+        for name, part in (("tract", region & in_tract), ("other", region & ~in_tract)):
+            errors.update({f"{name}_{key}": value for key, value in _median_errors(predicted, truth, part).items()})
+    return errors
+
+
+def _median_errors(predicted: dict[str, np.ndarray], truth: dict[str, np.ndarray],
+                   region: np.ndarray) -> dict[str, float]:
+    """V1 angle, FA/MD relative errors and FA ratio medians over ``region`` (bool (X, Y, Z)) of two map sets."""
+    if not region.any():
+        return dict.fromkeys(("v1_angle", "fa_error", "md_error", "fa_ratio"), float("nan"))
     cosine = np.abs((predicted["v1"][region] * truth["v1"][region]).sum(axis=-1)).clip(max=1.0)
     fa_true, md_true = truth["fa"][region], truth["md"][region]
     return {"v1_angle": float(np.median(np.degrees(np.arccos(cosine)))),
             "fa_error": float(np.median(np.abs(predicted["fa"][region] - fa_true) / np.maximum(fa_true, 1e-3))),
             "md_error": float(np.median(np.abs(predicted["md"][region] - md_true) / np.maximum(md_true, 1e-9))),
-            "fa_ratio": float(np.median(predicted["fa"][region] / np.maximum(fa_true, 1e-3))),
-            "voxels": int(region.sum()), "non_finite": int((~np.isfinite(prediction)).any(axis=-1).sum())}
+            "fa_ratio": float(np.median(predicted["fa"][region] / np.maximum(fa_true, 1e-3)))}
