@@ -63,14 +63,18 @@ logger = logging.getLogger("train_default_model")
 
 
 # --------------------------------------------------------------------------- steps
-def simulate(root: Path, n_subjects: int, seed: int, quick: bool, voxel_scale: float = 1.0) -> Path:
-    """A simulated BIDS dataset (1 pc-bSSFP + 1 DWI session per subject) under ``root``; reused if present."""
+def simulate(root: Path, n_subjects: int, seed: int, quick: bool, voxel_scale: float = 1.0,
+             regime: str = "realistic", random_fibres: bool = False) -> Path:
+    """A simulated BIDS dataset (1 pc-bSSFP + 1 DWI session per subject) under ``root``; reused if present.
+    ``regime`` and ``random_fibres``: as ``bssfp2dt-simulate --regime --random-fibres`` (the procedural phantom
+    of ``quick`` has no fibre regions to randomise)."""
     from bssfp2dt.simulation.dataset import SimulationConfig, simulate_dataset
 
     if (root / "dataset_description.json").is_file():
         logger.info("reusing the simulated dataset %s", root)
         return root
-    settings = dict(n_subjects=n_subjects, bssfp_sessions=1, dwi_sessions=1, seed=seed, voxel_scale=voxel_scale)
+    settings = dict(n_subjects=n_subjects, bssfp_sessions=1, dwi_sessions=1, seed=seed, voxel_scale=voxel_scale,
+                    regime=regime, random_fibres=random_fibres)
     if quick:  # bssfp2dt-simulate --tiny
         settings.update(anatomy="procedural", phantom_scale=0.3, margin_mm=4.0, dwi_directions=(30, 30))
     return simulate_dataset(root, SimulationConfig(**settings), progress=False)

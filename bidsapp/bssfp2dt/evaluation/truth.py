@@ -8,6 +8,7 @@ above ``WM_PROBABILITY``.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -46,6 +47,39 @@ def tracts_path(bids_dir: Path | str, subject: str) -> Path | None:
     before it existed."""
     path = Path(bids_dir) / TRUTH / f"sub-{subject}" / "anat" / f"sub-{subject}_space-T1w_desc-tracts_mask.nii.gz"
     return path if path.is_file() else None
+
+
+def probseg_path(bids_dir: Path | str, subject: str, label: str) -> Path:
+    """The simulator's true probability map of tissue ``label`` (GM, WM or CSF) of ``subject``, T1w space."""
+    path = Path(bids_dir) / TRUTH / f"sub-{subject}" / "anat" / f"sub-{subject}_space-T1w_label-{label}_probseg.nii.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: is {bids_dir} a dataset written by bssfp2dt-simulate?")
+    return path
+
+
+def b0_direction(bids_dir: Path | str, subject: str, session: str | None = None) -> np.ndarray:
+    """The B0 direction (3,) of ``subject``'s pc-bSSFP scan (``session``; None: the first) as a unit vector in
+    the truth's T1w-space axes (the common grid's xyz), from the head poses the simulator recorded.
+
+    A scan sees head point x at R x + t with B0 along the scanner's z; the T1w space is the scanner frame at
+    the T1w's pose R_t. A fibre axis f (head) makes with B0 during the bSSFP (pose R_b) the angle between
+    R_b f and z, which is the angle between R_t f (its T1w-space axis) and R_t R_b^T z: the returned vector.
+    The head's tilt against B0 (its base pose) is common to both scans, so it differs from z only by the
+    scans' pose jitter.
+    """
+    from bssfp2dt.simulation.geometry import rotation_matrix
+
+    path = Path(bids_dir) / TRUTH / f"sub-{subject}" / f"sub-{subject}_simulation.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: is {bids_dir} a dataset written by bssfp2dt-simulate?")
+    scans = json.loads(path.read_text())["subject"]["scans"]
+    t1w = next(scan for scan in scans if scan["modality"] == "t1w")
+    bssfp = [scan for scan in scans if scan["modality"] == "pcbssfp" and session in (None, scan["session"])]
+    if not bssfp:
+        raise ValueError(f"sub-{subject} has no simulated pc-bSSFP scan{f' in session {session}' if session else ''}")
+    direction = rotation_matrix(t1w["pose"]["rotation_deg"]) @ rotation_matrix(
+        bssfp[0]["pose"]["rotation_deg"]).T @ np.array([0.0, 0.0, 1.0])
+    return direction / np.linalg.norm(direction)
 
 
 def white_matter_errors(prediction: np.ndarray, affine: np.ndarray, bids_dir: Path | str,
