@@ -40,22 +40,29 @@ def preprocessed_subjects(work_dir: Path):
     return [PreprocessedSubject(label, tuple(found)) for label, found in sorted(sessions.items())]
 
 
-def prepare_tiny(work: Path) -> None:
-    """Two tiny training subjects and one held-out subject (another seed), preprocessed through the CLI."""
+def preprocess(bids: Path, work_dir: Path, out_dir: Path, modality: str = "t1w", nprocs: int = 1) -> None:
+    """Preprocess every subject of ``bids`` into the cached workflow of ``work_dir`` through the CLI (skipped when
+    ``work_dir`` already holds preprocessed sessions). ``modality``: the participant run's input modality (a
+    bSSFP modality also preprocesses the bSSFP; the DWI is preprocessed whenever present)."""
     import subprocess
 
+    if list(work_dir.glob("preproc_sub_*/collect_ses*/*_preproc.json")):
+        return
+    # A dry training run is not available, so preprocess through a participant run with write-preproc off:
+    # the participant level preprocesses first; its prediction with the packaged model is a cheap by-product.
+    subprocess.run([sys.executable, "-m", "bssfp2dt.cli.run", str(bids), str(out_dir), "participant",
+                    "-w", str(work_dir), "--input-modality", modality, "--unringing-method", "none",
+                    "--hmc-model", "none", "--skip-bids-validation", "--nprocs", str(nprocs),
+                    "--omp-nthreads", str(nprocs)], check=True, capture_output=True)
+
+
+def prepare_tiny(work: Path) -> None:
+    """Two tiny training subjects and one held-out subject (another seed), preprocessed through the CLI."""
     from train_default_model import simulate
 
     for name, subjects, seed in (("train", 2, 11), ("heldout", 1, 12)):
         bids = simulate(work / f"{name}-bids", subjects, seed, quick=True)
-        if list((work / f"work-{name}").glob("preproc_sub_*/collect_ses*/*_preproc.json")):
-            continue
-        # A dry training run is not available, so preprocess through a participant run with write-preproc off:
-        # the participant level preprocesses first; its prediction with the packaged model is a cheap by-product.
-        subprocess.run([sys.executable, "-m", "bssfp2dt.cli.run", str(bids), str(work / f"{name}-out"),
-                        "participant", "-w", str(work / f"work-{name}"), "--input-modality", "t1w",
-                        "--unringing-method", "none", "--hmc-model", "none", "--skip-bids-validation",
-                        "--nprocs", "1", "--omp-nthreads", "1"], check=True, capture_output=True)
+        preprocess(bids, work / f"work-{name}", work / f"{name}-out")
 
 
 def baseline_errors(work: Path, bids: Path) -> dict[str, dict[str, float]]:
@@ -74,56 +81,77 @@ def baseline_errors(work: Path, bids: Path) -> dict[str, dict[str, float]]:
                                for record in held_out]) for kind in BASELINES}
 
 
-def held_out_errors(module, sessions, modality: str, normalization, bids: Path) -> dict[str, float]:
-    """Whole-volume prediction of every held-out session; mean of the WM truth errors."""
+def predict_sessions(module, sessions, modality: str, normalization):
+    """Whole-volume prediction of each preprocessed session (one pass, padded to multiples of 16 voxels):
+    yields (session, tensor (X, Y, Z, 6) mm^2/s on the common grid, affine, brain mask (X, Y, Z) bool)."""
     import nibabel as nib
     import torch
-    from train_default_model import mean_errors
 
-    from bssfp2dt.evaluation.truth import white_matter_errors
     from bssfp2dt.pipeline.participant import network_input
     from bssfp2dt.preprocessing.normalization import denormalize_tensor
 
-    rows = []
     module.eval()
-    for session in sessions:
-        image = nib.load(str(session.brain_mask))
-        mask = np.asarray(image.dataobj) > 0
-        volume = network_input(session, modality, normalization, mask)
-        pad = [(0, 0)] + [(0, (-n) % 16) for n in volume.shape[1:]]
-        with torch.no_grad():
-            output = module(torch.from_numpy(np.pad(volume, pad))[None])[0].numpy()
-        output = output[(slice(None),) + tuple(slice(0, n) for n in volume.shape[1:])]
-        tensor = denormalize_tensor(np.moveaxis(output, 0, -1), normalization, mask)
-        rows.append(white_matter_errors(tensor, image.affine, bids, session.subject))
-    module.train()
-    return mean_errors(rows)
+    try:
+        for session in sessions:
+            image = nib.load(str(session.brain_mask))
+            mask = np.asarray(image.dataobj) > 0
+            volume = network_input(session, modality, normalization, mask)
+            pad = [(0, 0)] + [(0, (-n) % 16) for n in volume.shape[1:]]
+            with torch.no_grad():
+                output = module(torch.from_numpy(np.pad(volume, pad))[None])[0].numpy()
+            output = output[(slice(None),) + tuple(slice(0, n) for n in volume.shape[1:])]
+            yield session, denormalize_tensor(np.moveaxis(output, 0, -1), normalization, mask), image.affine, mask
+    finally:
+        module.train()
 
 
-def train_curve(args) -> list[dict[str, float]]:
+def held_out_errors(module, sessions, modality: str, normalization, bids: Path) -> dict[str, float]:
+    """Whole-volume prediction of every held-out session; mean of the WM truth errors."""
+    from train_default_model import mean_errors
+
+    from bssfp2dt.evaluation.truth import white_matter_errors
+
+    return mean_errors([white_matter_errors(tensor, affine, bids, session.subject)
+                        for session, tensor, affine, _ in predict_sessions(module, sessions, modality, normalization)])
+
+
+def held_out_sessions(work_dir: Path) -> list:
+    """The preprocessed sessions in ``work_dir`` that have a DWI tensor (the held-out sessions evaluated)."""
+    return [session for subject in preprocessed_subjects(work_dir) for session in subject.sessions
+            if session.tensor is not None]
+
+
+def train_generator(args, train, record=None, eval_every: int | None = None):
+    """Train one generator of ``args.modality`` on the preprocessed subjects ``train`` with the app's pieces.
+
+    The recipe ``args.recipe`` (regression recipes only), ``args.model_size``, patches of ``args.patch_size``
+    (default: the recipe's), ``args.batch_size``, the structure-head start when ``args.structure_init``, seeded
+    by ``args.seed``; the autoencoder modality trains the autoencoder stage, the others the direct stage. Runs
+    for ``args.minutes`` of wall time (the cosine schedule spread over them) or ``args.max_steps`` steps.
+    ``record(module, normalization, step, minutes)`` is called at step 0, every ``eval_every`` steps and after
+    the last step (its time counts against the budget). Returns (module, normalization, steps).
+    """
     import torch
     from torch.utils.data import DataLoader
 
+    from bssfp2dt import modalities
     from bssfp2dt.pipeline.training import generator_options
     from bssfp2dt.training import data
     from bssfp2dt.training.initialisation import initialise_structure_head
     from bssfp2dt.training.module import Bssfp2dtGAN, learning_rate_factor
     from bssfp2dt.training.recipes import get_recipe
-    from bssfp2dt.training.stages import initial_generator, get_stage
+    from bssfp2dt.training.stages import get_stage, initial_generator
 
     torch.manual_seed(args.seed)
     recipe = get_recipe(args.recipe)
     if recipe.adversarial:
-        raise SystemExit("the learning curve runs the regression recipes (no discriminator); use the CLI for GANs")
-    train = preprocessed_subjects(args.work / "work-train")
-    held_out = [s for subject in preprocessed_subjects(args.work / "work-heldout") for s in subject.sessions
-                if s.tensor is not None]
+        raise SystemExit("the benchmarks train the regression recipes (no discriminator); use the CLI for GANs")
     normalization = data.fit_training_normalization(train, tensor_transform=recipe.tensor_transform)
     pairs = data.pair_subjects(train, args.modality)
     patch = args.patch_size or recipe.patch_size
     loaded = data.TrainingData(pairs, [], args.modality, normalization, patch_size=patch, batch_size=args.batch_size,
                                seed=args.seed, recipe=recipe)
-    stage = get_stage("direct")
+    stage = get_stage("autoencoder" if args.modality == modalities.AUTOENCODER.name else "direct")
     generator = initial_generator(stage, args.modality, args.model_size, **generator_options(recipe))
     generator.set_output_offset(data.mean_normalised_target(pairs, normalization))
     if args.structure_init:
@@ -132,18 +160,20 @@ def train_curve(args) -> list[dict[str, float]]:
                          learning_rate=args.learning_rate or recipe.learning_rate or stage.learning_rate)
     optimiser = torch.optim.AdamW(module.trainable_generator_parameters, lr=module.learning_rate,
                                   weight_decay=module.weight_decay)
-    bids = args.work / "heldout-bids"
-    curve, step, started, epoch = [], 0, time.perf_counter(), 0
+    step, started, epoch, recorded = 0, time.perf_counter(), 0, None
     budget = args.minutes * 60.0
 
-    def record() -> None:
-        errors = held_out_errors(module, held_out, args.modality, normalization, bids)
-        row = {"step": step, "minutes": (time.perf_counter() - started) / 60.0, **errors}
-        curve.append(row)
-        print(json.dumps(row), flush=True)
+    def note() -> None:
+        nonlocal recorded
+        if record is not None:
+            record(module, normalization, step, (time.perf_counter() - started) / 60.0)
+        recorded = step
 
-    record()
-    while time.perf_counter() - started < budget and (args.max_steps is None or step < args.max_steps):
+    def done() -> bool:
+        return time.perf_counter() - started >= budget or (args.max_steps is not None and step >= args.max_steps)
+
+    note()
+    while not done():
         loader = DataLoader(loaded.train_queue(epoch), batch_size=args.batch_size, collate_fn=data.collate_patches)
         for batch in loader:
             progress = min(1.0, (time.perf_counter() - started) / budget)  # the budget is time, not steps
@@ -152,13 +182,29 @@ def train_curve(args) -> list[dict[str, float]]:
                 group["lr"] = module.learning_rate * factor
             module.regression_step(batch, optimiser, torch.Tensor.backward)
             step += 1
-            if step % args.eval_every == 0:
-                record()
-            if time.perf_counter() - started >= budget or (args.max_steps is not None and step >= args.max_steps):
+            if eval_every and step % eval_every == 0:
+                note()
+            if done():
                 break
         epoch += 1
-    if curve[-1]["step"] != step:
-        record()
+    if recorded != step:
+        note()
+    return module, normalization, step
+
+
+def train_curve(args) -> list[dict[str, float]]:
+    """Train on ``args.work``'s training subjects; the held-out WM truth errors at every recorded step."""
+    held_out = held_out_sessions(args.work / "work-heldout")
+    bids = args.work / "heldout-bids"
+    curve = []
+
+    def record(module, normalization, step: int, minutes: float) -> None:
+        errors = held_out_errors(module, held_out, args.modality, normalization, bids)
+        row = {"step": step, "minutes": minutes, **errors}
+        curve.append(row)
+        print(json.dumps(row), flush=True)
+
+    train_generator(args, preprocessed_subjects(args.work / "work-train"), record, args.eval_every)
     return curve
 
 
@@ -191,7 +237,7 @@ def write_outputs(curve: list[dict], baselines: dict[str, dict], out: Path, titl
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=REPO / "build" / "default-model")
-    parser.add_argument("--modality", default="t1w", choices=("pc-bssfp", "bssfp", "t1w"))
+    parser.add_argument("--modality", default="t1w", choices=("pc-bssfp", "bssfp", "t1w", "dwi-tensor"))
     parser.add_argument("--recipe", default="log-euclidean")
     parser.add_argument("--model-size", default="small")
     parser.add_argument("--patch-size", type=int, default=None)

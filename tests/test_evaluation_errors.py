@@ -7,7 +7,7 @@ from scipy.spatial.transform import Rotation
 
 from bssfp2dt.errors import MissingInputError
 from bssfp2dt.evaluation.errors import (ERROR_METRICS, TENSOR_ELEMENTS, ErrorFloors, axis_angle_errors,
-                                        error_maps, relative_error)
+                                        axis_angle_errors_about, error_maps, relative_error)
 from bssfp2dt.evaluation.metrics import frechet_distance, image_metrics, normalised_tensors, psnr, ssim
 from bssfp2dt.evaluation.statistics import EvaluationEntities, tissue_statistics
 
@@ -230,3 +230,22 @@ def test_angle_floor_excludes_isotropic_reference_voxels():
     reference[0] = np.array([1e-3, 0, 0, 1e-3, 0, 1e-3])  # isotropic: FA 0, V1 undefined
     maps = error_maps(reference, reference, np.ones((3, 3, 3), bool), ErrorFloors(fa_for_angles=0.05))
     assert np.isnan(maps["v1angle"][0]).all() and np.isfinite(maps["v1angle"][1:]).all()
+
+
+def test_angles_about_an_axis_are_sign_invariant_and_separate_inclination_from_azimuth():
+    """About B0 (tilted from z), a prediction turned about B0 keeps its inclination exactly and shows the turn as
+    azimuth error (modulo 180: axes); reversing either vector changes nothing; the hemisphere-aligned
+    inclination about z does count the turn."""
+    b0 = Rotation.from_rotvec([np.radians(10.0), 0.0, 0.0]).apply([0.0, 0.0, 1.0])
+    reference = Rotation.from_rotvec(np.radians(60.0) * np.array([0.0, 1.0, 0.0])).apply(b0)[None]
+    turned = Rotation.from_rotvec(np.radians(150.0) * b0).apply(reference)
+    errors = axis_angle_errors_about(turned, reference, b0)
+    assert errors["inclination"][0] == pytest.approx(0.0, abs=1e-9)
+    assert errors["azimuth"][0] == pytest.approx(30.0)  # 150 deg of turn is 30 deg for an axis
+    flipped = axis_angle_errors_about(-turned, reference, -b0)
+    assert flipped["inclination"][0] == pytest.approx(0.0, abs=1e-9) and flipped["azimuth"][0] == pytest.approx(30.0)
+    tilted = Rotation.from_rotvec(np.radians(20.0) * np.cross(b0, reference[0]) / np.linalg.norm(
+        np.cross(b0, reference[0]))).apply(reference)
+    assert axis_angle_errors_about(tilted, reference, b0)["inclination"][0] == pytest.approx(20.0)
+    assert axis_angle_errors(turned, reference)["inclination"][0] > 10.0
+    assert np.isnan(axis_angle_errors_about(turned, reference, b0, valid=np.array([False]))["azimuth"][0])

@@ -14,6 +14,7 @@ from dipy.reconst.dti import TensorModel
 
 from bssfp2dt.cli import simulate
 from bssfp2dt.dti.eigen import bep016_to_matrix
+from bssfp2dt.evaluation.truth import WM_PROBABILITY, b0_direction, truth_paths, white_matter_errors
 from bssfp2dt.simulation.dataset import simulate_dataset
 from bssfp2dt.simulation.geometry import RigidPose
 from helpers import tiny_config
@@ -192,3 +193,33 @@ def test_cli_writes_a_dataset(tmp_path):
     assert (tmp_path / "out" / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_acq-pcbssfp_part-mag_T2w.nii.gz").is_file()
     assert not (tmp_path / "out" / "sub-01" / "ses-1" / "dwi").exists()
     assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_tract_mask_marks_the_more_anisotropic_white_matter_and_splits_the_truth_errors(tiny_dataset):
+    anat = tiny_dataset / TRUTH / "sub-01" / "anat"
+    tracts = _load(anat / "sub-01_space-T1w_desc-tracts_mask.nii.gz") > 0
+    white = _load(anat / "sub-01_space-T1w_label-WM_probseg.nii.gz") > WM_PROBABILITY
+    fa = _load(tiny_dataset / TRUTH / "sub-01" / "dwi"
+               / "sub-01_space-T1w_desc-truth_model-tensor_param-fa_dwimap.nii.gz")
+    assert (white & tracts).sum() > 20 and (white & ~tracts).sum() > 20
+    assert np.median(fa[white & tracts]) > np.median(fa[white & ~tracts]) + 0.1  # coherence raises the FA
+    image = nib.load(truth_paths(tiny_dataset, "01")[0])
+    exact = white_matter_errors(np.asarray(image.dataobj, dtype=np.float64), image.affine, tiny_dataset, "01")
+    for part in ("", "tract_", "other_"):
+        assert exact[f"{part}v1_angle"] < 1e-3 and exact[f"{part}fa_error"] < 1e-6
+        assert exact[f"{part}fa_ratio"] == pytest.approx(1.0)
+
+
+def test_b0_direction_in_t1w_space_gives_each_fibre_its_angle_to_b0_during_the_bssfp(tiny_dataset):
+    """The recorded poses: a head-frame axis f makes with B0 (scanner z) during the bSSFP the same angle as its
+    T1w-space axis R_t f makes with b0_direction; the head tilt is shared, so B0 is near the grid's z."""
+    record = json.loads((tiny_dataset / TRUTH / "sub-01" / "sub-01_simulation.json").read_text())
+    poses = {scan["modality"]: RigidPose(tuple(scan["pose"]["rotation_deg"]), tuple(scan["pose"]["translation_mm"]))
+             for scan in record["subject"]["scans"] if scan["session"] == "1"}
+    b0 = b0_direction(tiny_dataset, "01")
+    fibres = np.random.default_rng(0).standard_normal((50, 3))
+    fibres /= np.linalg.norm(fibres, axis=1, keepdims=True)
+    during_bssfp = np.abs(fibres @ poses["pcbssfp"].rotation.T @ np.array([0.0, 0.0, 1.0]))
+    np.testing.assert_allclose(np.abs(fibres @ poses["t1w"].rotation.T @ b0), during_bssfp, atol=1e-9)
+    assert np.linalg.norm(b0) == pytest.approx(1.0)
+    assert np.degrees(np.arccos(b0[2])) < 10.0  # per-scan jitter only (<= 3 deg about each axis, twice)

@@ -122,6 +122,46 @@ def axis_angle_errors(v1_predicted: np.ndarray, v1_reference: np.ndarray,
     return errors
 
 
+def axis_angle_errors_about(v1_predicted: np.ndarray, v1_reference: np.ndarray, axis: np.ndarray,
+                            valid: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Angular errors (degrees) of principal axes (..., 3) in spherical coordinates about a direction ``axis`` (3,).
+
+    Both are functions of axes, so neither depends on a vector's sign or needs the hemisphere alignment of
+    :func:`axis_angle_errors`:
+
+    - ``inclination``: |theta_pred - theta_ref| with theta = arccos |v . a| in [0, 90] (a = ``axis``, unit),
+      the angle between the fibre axis and ``a``; in [0, 90]. A signal that depends on the fibre only through
+      sin^2 theta (the bSSFP frequency shifts, with ``a`` = B0) determines exactly this angle.
+    - ``azimuth``: the difference of the azimuths about ``a`` taken modulo 180 deg (an axis and its reverse
+      share it), in [0, 90]; it does not depend on where the azimuth is counted from.
+
+    NaN where ``valid`` (bool (...)) is False or either vector is zero.
+    """
+    predicted = np.asarray(v1_predicted, dtype=np.float64)
+    reference = np.asarray(v1_reference, dtype=np.float64)
+    a = np.asarray(axis, dtype=np.float64)
+    a = a / np.linalg.norm(a)
+    e1 = np.cross(a, [1.0, 0.0, 0.0] if abs(a[0]) < 0.9 else [0.0, 1.0, 0.0])
+    e1 /= np.linalg.norm(e1)
+    e2 = np.cross(a, e1)
+    defined = (np.linalg.norm(predicted, axis=-1) > 0) & (np.linalg.norm(reference, axis=-1) > 0)
+    if valid is not None:
+        defined &= np.asarray(valid, dtype=bool)
+
+    def angles(v):
+        norm = np.maximum(np.linalg.norm(v, axis=-1), 1e-300)
+        theta = np.degrees(np.arccos(np.clip(np.abs(v @ a) / norm, 0.0, 1.0)))
+        return theta, np.degrees(np.arctan2(v @ e2, v @ e1)) % 180.0
+
+    theta_p, phi_p = angles(predicted)
+    theta_r, phi_r = angles(reference)
+    azimuth = np.abs(phi_p - phi_r) % 180.0
+    errors = {"inclination": np.abs(theta_p - theta_r), "azimuth": np.minimum(azimuth, 180.0 - azimuth)}
+    for values in errors.values():
+        values[~defined] = np.nan
+    return errors
+
+
 def error_maps(predicted: np.ndarray, reference: np.ndarray, mask: np.ndarray,
                floors: ErrorFloors = ErrorFloors()) -> dict[str, np.ndarray]:
     """Every error map of a predicted tensor against the reference.

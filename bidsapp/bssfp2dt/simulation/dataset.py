@@ -33,6 +33,8 @@ from bssfp2dt.simulation.subject import REGIMES, Protocol, ScanPlan, SubjectPara
 LOGGER = logging.getLogger(__name__)
 BIDS_VERSION = "1.10.0"
 TRUTH_FOLDER = Path("derivatives") / "bssfp2dt-truth"
+# Between general white matter's coherence (0.2) and the least coherent tract's (0.5): the tract mask.
+TRACT_COHERENCE = 0.35
 
 
 @dataclass(frozen=True)
@@ -257,6 +259,12 @@ class SubjectWriter:
         self._save(scatter_to_grid(tissue.fractions.sum(axis=1) >= 0.5, tissue, grid), grid.affine, mask_path,
                    dtype=np.uint8)
         write_json({"Type": "Brain", "Sources": [_bids_uri(source, self.root)]}, sidecar_path(mask_path))
+        tracts_path = self._path(self.truth_root, "anat", "mask", description="tracts", **entities)
+        self._save(scatter_to_grid(tissue.coherence > TRACT_COHERENCE, tissue, grid), grid.affine, tracts_path,
+                   dtype=np.uint8)
+        write_json({"Type": "ROI", "Description": "the major tracts' boxes (coherent fibres, one direction per tract; "
+                    f"simulation.fibres), where the smoothed tract coherence exceeds {TRACT_COHERENCE}",
+                    "Sources": [_bids_uri(source, self.root)]}, sidecar_path(tracts_path))
         self._write_tensor_maps(tissue.tensor, tissue, grid, "truth", source, **entities)
         dwi_scan = next((scan for scan in self.subject.scans if scan.modality == "dwi"), None)
         if dwi_scan is not None:

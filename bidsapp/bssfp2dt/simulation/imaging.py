@@ -26,7 +26,8 @@ WARP_PAD_MM = 6.0  # > the largest smooth displacement (5 mm)
 class ScanTissue:
     """Tissue inside the brain for one scan: flat voxel indices (M,) into the grid, scanner points
     (M, 3) mm, template points (M, 3) mm, fractions (M, 3) GM/WM/CSF and, when fibres were sampled,
-    per-tissue tensors (3, M, 6) in the scanner frame (mm^2/s), the WM FA (M,) and V1 (M, 3)."""
+    per-tissue tensors (3, M, 6) in the scanner frame (mm^2/s), the WM FA (M,), V1 (M, 3) and the tract
+    coherence (M,) in [0, 1] (``simulation.fibres``: 0.2 in general white matter, 0.5-1 in the tracts)."""
 
     index: np.ndarray
     scanner_points: np.ndarray
@@ -35,6 +36,7 @@ class ScanTissue:
     tissue_tensors: np.ndarray | None = None
     fa_wm: np.ndarray | None = None
     v1_scanner: np.ndarray | None = None
+    coherence: np.ndarray | None = None
 
     @property
     def tensor(self) -> np.ndarray:
@@ -81,6 +83,7 @@ def _add_tensors(tissue: ScanTissue, anatomy: Anatomy, subject: SubjectParameter
     tensors[GM] = cylindrical_tensor(np.full(m, t.md["GM"]), np.full(m, t.fa_gm), v_scanner)
     tensors[CSF] = cylindrical_tensor(np.full(m, t.md["CSF"]), np.zeros(m), v_scanner)
     tissue.tissue_tensors, tissue.fa_wm, tissue.v1_scanner = tensors, fa_wm, v_scanner
+    tissue.coherence = fibres.coherence
 
 
 def b0_field_hz(subject: SubjectParameters, scan: ScanPlan, tissue: ScanTissue) -> np.ndarray:

@@ -1,0 +1,51 @@
+"""The modality benchmark (benchmarks/bench_modalities.py) in its tiny mode: both settings are simulated and
+preprocessed, the four input modalities trained a few steps and evaluated on held-out subjects against the
+simulator's truth, next to the DWI-fit and random-axis references."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_modalities import (ANGLE_METRICS, METRICS, REFERENCES, SETTINGS,  # noqa: E402
+                              modality_names)
+
+# The tiny phantom's CSF lies outside the pipeline's brain mask (its T1w-based mask keeps the brain tissue), so
+# its CSF row is empty there; white and grey matter must have every number.
+FILLED_TISSUES = ("GM", "WM")
+
+
+@pytest.mark.slow
+def test_modalities_benchmark_runs_in_tiny_mode(tmp_path):
+    completed = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_modalities.py"), "--tiny",
+                                "--work", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    results = tmp_path / "results"
+    for setting in SETTINGS:
+        assert (results / f"modalities_{setting}.png").stat().st_size > 0
+        table = (results / f"modalities_{setting}.md").read_text()
+        result = json.loads((results / f"modalities_{setting}.json").read_text())
+        assert list(result["results"]) == list(modality_names())
+        columns = {**result["results"], **{name: result["references"][name] for name in REFERENCES}}
+        for name, values in columns.items():
+            expected = ANGLE_METRICS if name in ("random-axes", "b0-only-axes") else METRICS
+            assert set(expected) <= set(values), name
+            for metric in expected:
+                for tissue in FILLED_TISSUES:
+                    value = values[metric][tissue]
+                    assert math.isfinite(value) and value >= 0.0, (setting, name, metric, tissue, value)
+                    if metric in ANGLE_METRICS:
+                        assert value <= 180.0
+        assert all(steps == 3 for steps in result["steps"].values())
+        # the physics-only reference knows each axis' angle to B0 exactly
+        assert result["references"]["b0-only-axes"]["b0_inclination"]["WM"] == pytest.approx(0.0, abs=1e-6)
+        assert result["references"]["random-axes"]["b0_inclination"]["WM"] > 15.0
+        assert all(angle < 10.0 for angle in result["b0_angle_to_grid_z_deg"].values())
+        assert "| inclination to B0 (axis) | WM |" in table
