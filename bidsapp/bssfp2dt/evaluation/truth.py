@@ -21,15 +21,20 @@ WM_PROBABILITY = 0.8
 TRUTH = "derivatives/bssfp2dt-truth"
 
 
+def _truth_file(bids_dir: Path | str, subject: str, name: str) -> Path:
+    """``derivatives/bssfp2dt-truth/sub-<subject>/<name>`` of a simulated dataset (``name`` may hold
+    ``{sub}`` for ``sub-<subject>``); FileNotFoundError when it is missing."""
+    path = Path(bids_dir) / TRUTH / f"sub-{subject}" / name.format(sub=f"sub-{subject}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: is {bids_dir} a dataset written by bssfp2dt-simulate?")
+    return path
+
+
 def truth_paths(bids_dir: Path | str, subject: str) -> tuple[Path, Path]:
     """(noiseless-fit tensor, WM probability) files of ``subject`` in a simulated dataset."""
-    root = Path(bids_dir) / TRUTH / f"sub-{subject}"
-    tensor = root / "dwi" / f"sub-{subject}_space-T1w_desc-noiselessfit_model-tensor_param-diffusivity_dwimap.nii.gz"
-    wm = root / "anat" / f"sub-{subject}_space-T1w_label-WM_probseg.nii.gz"
-    for path in (tensor, wm):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: is {bids_dir} a dataset written by bssfp2dt-simulate?")
-    return tensor, wm
+    return (_truth_file(bids_dir, subject,
+                        "dwi/{sub}_space-T1w_desc-noiselessfit_model-tensor_param-diffusivity_dwimap.nii.gz"),
+            probseg_path(bids_dir, subject, "WM"))
 
 
 def on_grid(path: Path, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
@@ -45,16 +50,15 @@ def on_grid(path: Path, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarra
 def tracts_path(bids_dir: Path | str, subject: str) -> Path | None:
     """The simulator's tract mask of ``subject`` (the boxes of the major tracts), None for datasets written
     before it existed."""
-    path = Path(bids_dir) / TRUTH / f"sub-{subject}" / "anat" / f"sub-{subject}_space-T1w_desc-tracts_mask.nii.gz"
-    return path if path.is_file() else None
+    try:
+        return _truth_file(bids_dir, subject, "anat/{sub}_space-T1w_desc-tracts_mask.nii.gz")
+    except FileNotFoundError:
+        return None
 
 
 def probseg_path(bids_dir: Path | str, subject: str, label: str) -> Path:
     """The simulator's true probability map of tissue ``label`` (GM, WM or CSF) of ``subject``, T1w space."""
-    path = Path(bids_dir) / TRUTH / f"sub-{subject}" / "anat" / f"sub-{subject}_space-T1w_label-{label}_probseg.nii.gz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: is {bids_dir} a dataset written by bssfp2dt-simulate?")
-    return path
+    return _truth_file(bids_dir, subject, f"anat/{{sub}}_space-T1w_label-{label}_probseg.nii.gz")
 
 
 def b0_direction(bids_dir: Path | str, subject: str, session: str | None = None) -> np.ndarray:
@@ -69,10 +73,7 @@ def b0_direction(bids_dir: Path | str, subject: str, session: str | None = None)
     """
     from bssfp2dt.simulation.geometry import rotation_matrix
 
-    path = Path(bids_dir) / TRUTH / f"sub-{subject}" / f"sub-{subject}_simulation.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: is {bids_dir} a dataset written by bssfp2dt-simulate?")
-    scans = json.loads(path.read_text())["subject"]["scans"]
+    scans = json.loads(_truth_file(bids_dir, subject, "{sub}_simulation.json").read_text())["subject"]["scans"]
     t1w = next(scan for scan in scans if scan["modality"] == "t1w")
     bssfp = [scan for scan in scans if scan["modality"] == "pcbssfp" and session in (None, scan["session"])]
     if not bssfp:

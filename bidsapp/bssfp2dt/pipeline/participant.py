@@ -89,9 +89,8 @@ def check_participant(plan) -> dict[str, Any]:
     nothing for ``--reports-only``, which needs neither.
     """
     from bssfp2dt.inference.device import configure_cpu_threads, resolve_device
-    from bssfp2dt.spaces.normalize import prepare_templates
-
     from bssfp2dt.preprocessing.workflow import settings_from_config
+    from bssfp2dt.spaces.normalize import prepare_templates
 
     config = plan.config
     if config.run.reports_only:

@@ -15,8 +15,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from bssfp2dt.inference.predict import predict_whole
 from bssfp2dt.models.generator import PATCH_MULTIPLE
 from bssfp2dt.training.losses import deviatoric_norm
 
@@ -40,14 +40,9 @@ def white_matter_log_tensors(generator, modality: str,
                              volume: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
     """(target, prediction) log-tensors (N, 6) float64 at the white-matter voxels (mask and p_WM > 0.8) of one
     whole ``volume`` (dict of (C, X, Y, Z) tensors ``input``, ``target``, ``mask``, ``wm``)."""
-    spatial = volume["input"].shape[1:]
-    padding = [pad for side in reversed(spatial) for pad in (0, (-side) % PATCH_MULTIPLE)]
-    with torch.no_grad():
-        output = generator(F.pad(volume["input"][None].float(), padding), modality)[0]
-    output = output[(slice(None),) + tuple(slice(0, side) for side in spatial)]
-    region = (volume["mask"][0] > 0) & (volume["wm"][0] > WHITE_MATTER_PROBABILITY)
-    pick = lambda values: values[:, region].T.double().numpy()  # noqa: E731
-    return pick(volume["target"]), pick(output)
+    output = predict_whole(lambda x: generator(x, modality), volume["input"].numpy(), multiple=PATCH_MULTIPLE)
+    region = ((volume["mask"][0] > 0) & (volume["wm"][0] > WHITE_MATTER_PROBABILITY)).numpy()
+    return volume["target"].numpy()[:, region].T.astype(np.float64), output[:, region].T.astype(np.float64)
 
 
 def calibrate_anisotropy(generator, modality: str, volumes: Sequence[dict[str, torch.Tensor]]) -> float:
