@@ -85,8 +85,9 @@ def predict_sessions(module, sessions, modality: str, normalization):
     """Whole-volume prediction of each preprocessed session (one pass, padded to multiples of 16 voxels):
     yields (session, tensor (X, Y, Z, 6) mm^2/s on the common grid, affine, brain mask (X, Y, Z) bool)."""
     import nibabel as nib
-    import torch
 
+    from bssfp2dt.inference.predict import predict_whole
+    from bssfp2dt.models.generator import PATCH_MULTIPLE
     from bssfp2dt.pipeline.participant import network_input
     from bssfp2dt.preprocessing.normalization import denormalize_tensor
 
@@ -96,10 +97,7 @@ def predict_sessions(module, sessions, modality: str, normalization):
             image = nib.load(str(session.brain_mask))
             mask = np.asarray(image.dataobj) > 0
             volume = network_input(session, modality, normalization, mask)
-            pad = [(0, 0)] + [(0, (-n) % 16) for n in volume.shape[1:]]
-            with torch.no_grad():
-                output = module(torch.from_numpy(np.pad(volume, pad))[None])[0].numpy()
-            output = output[(slice(None),) + tuple(slice(0, n) for n in volume.shape[1:])]
+            output = predict_whole(module, volume, multiple=PATCH_MULTIPLE)
             yield session, denormalize_tensor(np.moveaxis(output, 0, -1), normalization, mask), image.affine, mask
     finally:
         module.train()
