@@ -151,6 +151,7 @@ def train_generator(args, train, record=None, eval_every: int | None = None):
                                seed=args.seed, recipe=recipe)
     stage = get_stage("autoencoder" if args.modality == modalities.AUTOENCODER.name else "direct")
     generator = initial_generator(stage, args.modality, args.model_size, **generator_options(recipe))
+    generator.set_input_ranges(normalization)
     generator.set_output_offset(data.mean_normalised_target(pairs, normalization))
     if args.structure_init:
         initialise_structure_head(generator, args.modality, loaded.training_volumes(), seed=args.seed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -37,7 +38,9 @@ class GeneratorSize:
     (no normalisation: the output then does not depend on the batch, the batch size or the patch size, so
     CPU training at batch 1-4 and whole-volume inference give the same network);
     ``structure_scales``: Gaussian integration scales (voxels) of the structure-tensor features added to
-    every head (empty: none; see :class:`StructureTensorFeatures`).
+    every head (empty: none; see :class:`StructureTensorFeatures`);
+    ``cycle_profile``: the pc-bSSFP head also sees each voxel's phase-cycle profile free of its gain and common
+    phase (:class:`PhaseCycleProfile`).
     """
 
     name: str
@@ -46,6 +49,7 @@ class GeneratorSize:
     dropout: float
     norm: str = "batch"
     structure_scales: tuple[float, ...] = ()
+    cycle_profile: bool = False
 
 
 GENERATOR_SIZES: dict[str, GeneratorSize] = {
@@ -89,19 +93,63 @@ def scale_anisotropy(log_tensor: torch.Tensor, gain: float) -> torch.Tensor:
     return isotropic + gain * (log_tensor - isotropic)
 
 
+class PhaseCycleProfile(nn.Module):
+    """Per-voxel phase-cycle profile of interleaved, normalised bSSFP channels (B, 2C, ...) -> (B, 3C + 1, ...).
+
+    The channels are turned back into complex cycles S_k = m_k exp(i p_k) (``magnitude_range`` and ``phase_range``:
+    the normalisation's (low, high), set by :meth:`Generator.set_input_ranges`) and re-expressed per voxel:
+    m_k / mean(m) (C), S_k conj(z) / |z| / mean(m) with z = sum_k S_k (real and imaginary parts, 2C), and
+    log(mean normalised magnitude) (1). The first 3C channels do not depend on the voxel's gain (receive field,
+    proton density) or on the phase common to its cycles (transmit/receive phase, off-resonance at TE), and have
+    no phase wraps: what is left is the shape of the profile, where the tissue's relaxation and the fibre's angle
+    to B0 show (a per-voxel regressor on these shapes tells the angle, a convolution on raw wrapped phases
+    hardly learns it). Fixed, not learned."""
+
+    EPSILON = 1e-7
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+        if in_channels % 2:
+            raise ValueError(f"interleaved magnitude/phase channels must be even, got {in_channels}")
+        self.cycles = in_channels // 2
+        self.register_buffer("magnitude_range", torch.tensor([0.0, 1.0]))
+        self.register_buffer("phase_range", torch.tensor([-math.pi, math.pi]))
+
+    @property
+    def out_channels(self) -> int:
+        return 3 * self.cycles + 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        magnitude_low, magnitude_high = self.magnitude_range[0], self.magnitude_range[1]
+        normalised = x[:, 0::2].clamp_min(0.0)
+        magnitude = magnitude_low + normalised * (magnitude_high - magnitude_low)
+        phase = self.phase_range[0] + x[:, 1::2] * (self.phase_range[1] - self.phase_range[0])
+        real, imaginary = magnitude * torch.cos(phase), magnitude * torch.sin(phase)
+        sum_real, sum_imaginary = real.sum(1, keepdim=True), imaginary.sum(1, keepdim=True)
+        modulus = torch.sqrt(sum_real ** 2 + sum_imaginary ** 2 + self.EPSILON)
+        mean = magnitude.mean(1, keepdim=True) + self.EPSILON * magnitude_high
+        scale = modulus * mean
+        return torch.cat([magnitude / mean, (real * sum_real + imaginary * sum_imaginary) / scale,
+                          (imaginary * sum_real - real * sum_imaginary) / scale,
+                          torch.log(normalised.mean(1, keepdim=True) + 1e-3)], dim=1)
+
+
 class InputHead(nn.Module):
     """Residual block (B, C_in, X, Y, Z) -> (B, 24, X, Y, Z): three 3x3x3 convolutions with instance norm
     (``normalise``; none for the ``"none"`` generators) and ReLU, plus a 1x1x1 projection on the skip path
     when C_in != 24. With ``structure_scales`` the block also sees the input's structure-tensor features, and
     ``shortcut`` maps them straight to the 6 output channels (a 1x1x1 convolution, zero at the start): in log
     coordinates a fibre along the least-varying axis is close to a linear function of the normalised structure
-    tensor, so the network starts from that linear guess and its UNet learns the rest (tract context, MD)."""
+    tensor, so the network starts from that linear guess and its UNet learns the rest (tract context, MD).
+    With ``cycle_profile`` (pc-bSSFP) the block and the shortcut also see :class:`PhaseCycleProfile`'s features."""
 
     def __init__(self, in_channels: int, hidden: int, out_channels: int = HEAD_OUT_CHANNELS,
-                 normalise: bool = True, structure_scales: tuple[float, ...] = ()):
+                 normalise: bool = True, structure_scales: tuple[float, ...] = (), cycle_profile: bool = False):
         super().__init__()
         self.structure = StructureTensorFeatures(in_channels, structure_scales) if structure_scales else None
-        width = in_channels + (self.structure.out_channels if self.structure is not None else 0)
+        self.profile = PhaseCycleProfile(in_channels) if cycle_profile else None
+        auxiliary = sum(part.out_channels for part in (self.structure, self.profile) if part is not None)
+        width = in_channels + auxiliary
 
         def norm(channels: int) -> nn.Module:
             return nn.InstanceNorm3d(channels, affine=True) if normalise else nn.Identity()
@@ -114,8 +162,8 @@ class InputHead(nn.Module):
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, 1)
         self.activation = nn.ReLU()
         self.shortcut = None
-        if self.structure is not None:
-            self.shortcut = nn.Conv3d(self.structure.out_channels, TENSOR_CHANNELS, 1)
+        if auxiliary:
+            self.shortcut = nn.Conv3d(auxiliary, TENSOR_CHANNELS, 1)
             nn.init.zeros_(self.shortcut.weight)
             nn.init.zeros_(self.shortcut.bias)
         # Gain of the output's trace-free (anisotropic) part, set after training by
@@ -130,13 +178,18 @@ class InputHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features_and_shortcut(x)[0]
 
+    def auxiliary_features(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Structure-tensor and phase-cycle profile features (B, F, ...) of the input, None without either."""
+        parts = [part(x) for part in (self.structure, self.profile) if part is not None]
+        return torch.cat(parts, dim=1) if parts else None
+
     def features_and_shortcut(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(backbone input (B, 24, ...), output shortcut (B, 6, ...) or None)."""
-        if self.structure is None:
+        auxiliary = self.auxiliary_features(x)
+        if auxiliary is None:
             return self.activation(self.body(x) + self.skip(x)), None
-        structure = self.structure(x)
-        features = self.activation(self.body(torch.cat([x, structure], dim=1)) + self.skip(x))
-        return features, self.shortcut(structure)
+        features = self.activation(self.body(torch.cat([x, auxiliary], dim=1)) + self.skip(x))
+        return features, self.shortcut(auxiliary)
 
 
 class StructureTensorFeatures(nn.Module):
@@ -253,9 +306,23 @@ class Generator(nn.Module):
         in_channels = check_modality(modality)
         if modality not in self.heads:
             device = next(self.backbone.parameters()).device
+            spec = modalities.get(modality)
+            profile = self.size.cycle_profile and spec.source == "bssfp" and not spec.single_cycle
             self.heads[modality] = InputHead(in_channels, self.size.head_hidden, normalise=self.size.norm == "batch",
-                                             structure_scales=self.size.structure_scales).to(device)
+                                             structure_scales=self.size.structure_scales,
+                                             cycle_profile=profile).to(device)
         return self.heads[modality]
+
+    def set_input_ranges(self, normalization) -> None:
+        """Give every phase-cycle profile the bSSFP magnitude and phase ranges of ``normalization``
+        (``preprocessing.normalization.Normalization``; its (low, high) map onto [0, 1])."""
+        for head in self.heads.values():
+            if head.profile is None:
+                continue
+            with torch.no_grad():
+                for name in ("magnitude", "phase"):
+                    value_range = normalization.require(name)
+                    getattr(head.profile, f"{name}_range").copy_(torch.tensor([value_range.low, value_range.high]))
 
     def forward(self, x: torch.Tensor, modality: str) -> torch.Tensor:
         if modality not in self.heads:

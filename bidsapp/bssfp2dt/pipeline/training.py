@@ -68,6 +68,8 @@ def run_training(plan) -> int:
                                    patch_size=patch_size, batch_size=config.model.batch_size,
                                    num_workers=queue_workers(config.resources.nprocs), seed=settings.seed, split=split,
                                    cache_mb=cache_budget_mb(config.resources.mem_mb), recipe=recipe)
+    if not start.resume:
+        start.generator.set_input_ranges(normalization)
     if stage.init_from is None and not start.resume:
         offset = data.mean_normalised_target(pairs["train"], normalization)
         start.generator.set_output_offset(offset)
@@ -192,6 +194,8 @@ def generator_options(recipe) -> dict[str, Any]:
     if recipe is None or recipe.norm == "batch" and not recipe.structure_scales and recipe.dropout is None:
         return {}
     options: dict[str, Any] = {"norm": recipe.norm, "structure_scales": tuple(recipe.structure_scales)}
+    if recipe.cycle_profile:
+        options["cycle_profile"] = True
     if recipe.dropout is not None:
         options["dropout"] = recipe.dropout
     return options

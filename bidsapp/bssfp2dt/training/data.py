@@ -413,11 +413,37 @@ def polynomial_bias_field(shape, coefficients: float, order: int = 3) -> torch.T
     return torch.exp(log_field)
 
 
+class PhaseCycleTurn(tio.transforms.Transform):
+    """Turn the phase cycles of a pc-bSSFP ``input`` (interleaved magnitude/phase, C cycles) by a random whole
+    number of cycles k (uniform in 0..C-1): channel pair j takes pair (j + k) mod C.
+
+    Physics: a global off-resonance offset of k / (C TR) moves every voxel's phase-cycle profile by exactly k
+    cycles; the phase it adds at TE is the same in every voxel and is removed with each cycle's global phase
+    in preprocessing. So the turn shows the network other shims without changing the tissue it sees."""
+
+    def __init__(self, modality: str, **kwargs):
+        super().__init__(**kwargs)
+        self.modality = modality
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        spec = modalities.get(self.modality)
+        if "magnitude" not in spec.groups or spec.single_cycle:
+            return subject
+        image = subject["input"]
+        cycles = image.data.shape[0] // 2
+        shift = int(torch.randint(cycles, ()))
+        image.set_data(torch.roll(image.data, shifts=-2 * shift, dims=0))
+        return subject
+
+
 def augmentation(modality: str, kind: str = "input") -> tio.Compose | None:
     """Input-only augmentation: ``"input"`` (the reference method's bias field, here on intensity channels only
-    with realistic coefficients, p 0.25, and Gaussian noise std 0-0.01, p 0.25) or ``"none"``."""
+    with realistic coefficients, p 0.25, and Gaussian noise std 0-0.01, p 0.25), ``"phase-cycles"``
+    (:class:`PhaseCycleTurn`, pc-bSSFP only) or ``"none"``."""
     if kind == "none":
         return None
+    if kind == "phase-cycles":
+        return tio.Compose([PhaseCycleTurn(modality)])
     return tio.Compose([MagnitudeBiasField(modality, p=0.25),
                         tio.RandomNoise(std=(0.0, 0.01), p=0.25, include=["input"])])
 

@@ -117,15 +117,16 @@ def initialise_structure_head(generator, modality: str, volumes: Sequence[dict[s
     ``volumes``: dicts of (C, X, Y, Z) tensors ``input``, ``target`` (network coordinates), ``mask`` and ``wm``.
     """
     head = generator.heads[modality]
-    if head.structure is None or not volumes or any("wm" not in volume for volume in volumes):
+    if head.shortcut is None or not volumes or any("wm" not in volume for volume in volumes):
         return False
     rng = np.random.default_rng(seed)
     chosen = _voxels(volumes, rng)
     flat = lambda tensor, index: tensor.reshape(tensor.shape[0], -1)[:, index].T.numpy().astype(np.float64)  # noqa: E731
     white = np.concatenate([flat(v["wm"], i) for v, i in zip(volumes, chosen)])[:, 0]
-    _fit_contrast(head.structure, volumes, chosen, rng, seed)
+    if head.structure is not None:
+        _fit_contrast(head.structure, volumes, chosen, rng, seed)
     with torch.no_grad():
-        features = [head.structure(v["input"][None].float())[0] for v in volumes]
+        features = [head.auxiliary_features(v["input"][None].float())[0] for v in volumes]
     design = np.concatenate([flat(f, i) for f, i in zip(features, chosen)])
     target = np.concatenate([flat(v["target"], i) for v, i in zip(volumes, chosen)])
     weights = 1.0 + (white_matter_weight - 1.0) * np.clip(white, 0, 1)

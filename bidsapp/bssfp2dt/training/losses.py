@@ -207,20 +207,51 @@ def voxel_weights(mask: torch.Tensor, white_matter: torch.Tensor | None, factor:
     return weights
 
 
+def axis_azimuth(log_tensor: torch.Tensor) -> torch.Tensor:
+    """Azimuth (B, 1, ...) in rad about the voxel z axis of the principal eigenvector of log-tensors (B, 6, ...),
+    the axis taken in the upper hemisphere (z >= 0) so that the azimuth of an axis (not a vector) is unique."""
+    moved = log_tensor.detach().movedim(1, -1).to(torch.float64)
+    matrix = moved[..., [0, 1, 2, 1, 3, 4, 2, 4, 5]].reshape(*moved.shape[:-1], 3, 3)
+    v1 = torch.linalg.eigh(matrix)[1][..., -1]  # ascending eigenvalues: the last column is V1
+    v1 = torch.where(v1[..., 2:3] < 0, -v1, v1)
+    return torch.atan2(v1[..., 1], v1[..., 0]).unsqueeze(1).to(log_tensor.dtype)
+
+
+def turn_about_z(log_tensor: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """R L R^T (B, 6, ...) for R the rotation by ``angle`` (B, 1, ...) rad about the voxel z axis (BEP016
+    order D11 D12 D13 D22 D23 D33); the trace and the zz component are unchanged."""
+    c, s = torch.cos(angle), torch.sin(angle)
+    xx, xy, xz, yy, yz, zz = log_tensor.split(1, dim=1)
+    return torch.cat([c * c * xx - 2 * c * s * xy + s * s * yy, c * s * (xx - yy) + (c * c - s * s) * xy,
+                      c * xz - s * yz, s * s * xx + 2 * c * s * xy + c * c * yy, s * xz + c * yz, zz], dim=1)
+
+
+def align_azimuth(target: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+    """The target log-tensors (B, 6, ...) turned about the voxel z axis (B0 in a scan without tilt) until
+    their principal axis has the azimuth of the prediction's: what a loss may ask of an input that sees a
+    fibre's angle to B0 but not its azimuth about B0 (bSSFP alone, when anatomy does not tell the direction).
+    Angles to z, eigenvalues and MD of the target are unchanged; no gradient flows through the turn."""
+    return turn_about_z(target, axis_azimuth(prediction) - axis_azimuth(target))
+
+
 class TensorLoss:
     """Masked, white-matter-weighted Huber losses on log-Euclidean tensors (see ``dti.logeuclid``).
 
     ``__call__(prediction, target, mask, white_matter)`` with prediction/target (B, 6, X, Y, Z) log-tensors,
     mask and white_matter (B, 1, X, Y, Z) returns the terms ``components``, ``anisotropy``, ``direction``
-    and ``total``.
+    and ``total``. ``azimuth_free``: compare with the target turned about z to the prediction's azimuth
+    (:func:`align_azimuth`).
     """
 
-    def __init__(self, weights: TensorLossWeights = TensorLossWeights()):
+    def __init__(self, weights: TensorLossWeights = TensorLossWeights(), azimuth_free: bool = False):
         self.weights = weights
+        self.azimuth_free = azimuth_free
         self.frobenius = torch.tensor(FROBENIUS_WEIGHTS).reshape(1, 6, 1, 1, 1)
 
     def __call__(self, prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                  white_matter: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if self.azimuth_free:
+            target = align_azimuth(target, prediction)
         weights = voxel_weights(mask, white_matter, self.weights.white_matter)
         total_weight = weights.sum().clamp_min(1.0)
         frobenius = self.frobenius.to(prediction)

@@ -33,7 +33,8 @@ from bssfp2dt.models.checkpoint import save_release_checkpoint
 from bssfp2dt.models.discriminator import build_discriminator
 from bssfp2dt.models.generator import Generator
 from bssfp2dt.training.losses import (
-    GeneratorLoss, LossWeights, TensorLoss, TensorLossWeights, discriminator_loss, log_tensor_errors,
+    GeneratorLoss, LossWeights, TensorLoss, TensorLossWeights, align_azimuth, discriminator_loss,
+    log_tensor_errors,
 )
 from bssfp2dt.training.recipes import RECIPES, Recipe
 from bssfp2dt.training.stages import Stage, apply_stage, get_stage, stage_modality
@@ -77,7 +78,7 @@ class Bssfp2dtGAN(L.LightningModule):
         self.discriminator = (build_discriminator(discriminator_size or generator.size.name, [self.input_modality])
                               if self.recipe.adversarial else None)
         self.loss = GeneratorLoss(loss_weights, perceptual_weights, data_range)
-        self.tensor_loss = TensorLoss(tensor_loss_weights)
+        self.tensor_loss = TensorLoss(tensor_loss_weights, azimuth_free=self.recipe.azimuth_free)
         self.learning_rate = learning_rate if learning_rate is not None else self.stage.learning_rate
         self.weight_decay = weight_decay
         self.data_range = data_range
@@ -92,6 +93,7 @@ class Bssfp2dtGAN(L.LightningModule):
             "seed": seed, "lr_schedule": lr_schedule, "recipe": self.recipe.name,
             "generator_options": {"norm": generator.size.norm,
                                   "structure_scales": list(generator.size.structure_scales),
+                                  "cycle_profile": generator.size.cycle_profile,
                                   "dropout": generator.size.dropout},
         })
 
@@ -196,7 +198,8 @@ class Bssfp2dtGAN(L.LightningModule):
         prediction = self(batch["input"])
         white_matter = batch["wm"] if "wm" in batch else torch.ones_like(batch["mask"])
         region = (batch["mask"] > 0) & (white_matter > VALIDATION_WM_PROBABILITY)
-        errors = log_tensor_errors(prediction, batch["target"], region.to(prediction.dtype))
+        target = align_azimuth(batch["target"], prediction) if self.recipe.azimuth_free else batch["target"]
+        errors = log_tensor_errors(prediction, target, region.to(prediction.dtype))
         errors = {name: value.to(prediction.dtype) for name, value in errors.items()}
         errors["loss"] = sum(weight * errors[name] for name, weight in SCORE_WEIGHTS.items())
         errors["tensor_loss"] = self.tensor_loss(prediction, batch["target"], batch["mask"], batch.get("wm"))["total"]

@@ -15,9 +15,18 @@ the patch size); structure-tensor features of the input in every head, started a
 (``training.initialisation``); 60 % of the patches centred in
 white matter; no augmentation; no discriminator; AdamW with a short warm-up, gradient clipping; the
 release checkpoint chosen on whole held-out volumes by the white-matter V1 angle, FA and MD errors.
+
+``log-euclidean-azimuth-free``: the same, but nothing asks for the fibre's azimuth about B0 (the voxel z axis):
+the loss and the validation turn the target about z to the prediction's azimuth, and the pc-bSSFP cycles are
+turned by a random whole number of cycles (a global off-resonance offset, which the physics maps exactly onto
+that turn). For inputs that can tell a fibre's angle to B0 but not its azimuth (bSSFP where anatomy does not
+give the direction, ``benchmarks/bench_modalities.py``): with the azimuth in the loss, the best a network can
+do is the mean over azimuths, a tensor symmetric about B0 whose principal axis is B0 itself or lies across it,
+so its angle to B0 is lost.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -29,11 +38,14 @@ class Recipe:
     (log-Euclidean); ``loss``: ``"reference"`` (L1 + SSIM + perceptual + adversarial) or ``"tensor"``
     (``training.losses.TensorLoss``); ``norm``, ``structure_scales`` (voxels), ``dropout``: generator options;
     ``white_matter_patches``: fraction of training patches centred on a white-matter voxel (0: uniform);
-    ``augmentation``: ``"input"`` (bias field on magnitude/T1w channels and noise) or ``"none"``;
+    ``augmentation``: ``"input"`` (bias field on magnitude/T1w channels and noise), ``"phase-cycles"`` (the
+    pc-bSSFP cycles turned by a random whole number of cycles: a global off-resonance, exact) or ``"none"``;
     ``validation``: ``"patches"`` (fixed patches, L1 + SSIM) or ``"volumes"`` (whole volumes, white-matter
     tensor errors); ``warmup_steps``: linear learning-rate warm-up (batches); ``gradient_clip``: max gradient
     norm (0: none); ``patch_size``: default training patch edge (voxels); ``learning_rate``: default rate of
-    the ``direct`` stage.
+    the ``direct`` stage; ``azimuth_free``: the loss and the validation compare with the target turned about
+    the voxel z axis to the prediction's azimuth (``training.losses.align_azimuth``); ``cycle_profile``: the
+    pc-bSSFP head also sees the per-voxel phase-cycle profile (``models.generator.PhaseCycleProfile``).
     """
 
     name: str
@@ -49,6 +61,8 @@ class Recipe:
     gradient_clip: float
     patch_size: int
     learning_rate: float | None
+    azimuth_free: bool = False
+    cycle_profile: bool = False
 
     @property
     def adversarial(self) -> bool:
@@ -65,6 +79,9 @@ RECIPES: dict[str, Recipe] = {
                             validation="volumes", warmup_steps=100, gradient_clip=1.0, patch_size=32,
                             learning_rate=1e-3),
 }
+RECIPES["log-euclidean-azimuth-free"] = dataclasses.replace(
+    RECIPES["log-euclidean"], name="log-euclidean-azimuth-free", augmentation="phase-cycles", azimuth_free=True,
+    cycle_profile=True)
 DEFAULT_RECIPE = "log-euclidean"
 
 

@@ -1,0 +1,168 @@
+"""The azimuth-free recipe: the target turned about z to the prediction's azimuth, and the phase-cycle turn
+that stands for a global off-resonance offset (checked against the simulator's steady-state signal)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torchio as tio
+
+from bssfp2dt.dti.logeuclid import log_tensor
+from bssfp2dt.preprocessing.bssfp import interleave_channels, remove_global_phase
+from bssfp2dt.simulation.signal import bssfp_steady_state, cylindrical_tensor
+from bssfp2dt.training import data
+from bssfp2dt.training.losses import TensorLoss, align_azimuth, axis_azimuth, turn_about_z
+from bssfp2dt.training.recipes import RECIPES
+
+
+def axis(inclination: float, azimuth: float) -> np.ndarray:
+    return np.array([np.sin(inclination) * np.cos(azimuth), np.sin(inclination) * np.sin(azimuth),
+                     np.cos(inclination)])
+
+
+def log_cylinder(inclination: float, azimuth: float, fa: float = 0.7) -> torch.Tensor:
+    """Log-tensor (1, 6, 1, 1, 1) of a cylinder with MD 0.8e-3 mm^2/s along the given axis (rad)."""
+    tensor = cylindrical_tensor(0.8e-3, fa, axis(inclination, azimuth))
+    return torch.tensor(log_tensor(tensor), dtype=torch.float64).reshape(1, 6, 1, 1, 1)
+
+
+def test_turn_about_z_is_the_matrix_rotation():
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((3, 3))
+    matrix = a + a.T
+    angle = 0.7
+    c, s = np.cos(angle), np.sin(angle)
+    rotation = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    expected = rotation @ matrix @ rotation.T
+    six = torch.tensor(matrix[[0, 0, 0, 1, 1, 2], [0, 1, 2, 1, 2, 2]]).reshape(1, 6, 1)
+    turned = turn_about_z(six, torch.full((1, 1, 1), angle, dtype=torch.float64))
+    np.testing.assert_allclose(turned.reshape(6).numpy(), expected[[0, 0, 0, 1, 1, 2], [0, 1, 2, 1, 2, 2]],
+                               atol=1e-12)
+
+
+def test_axis_azimuth_takes_the_axis_in_the_upper_hemisphere():
+    assert abs(float(axis_azimuth(log_cylinder(0.6, 0.3))) - 0.3) < 1e-6
+    # the same axis written with the opposite sign, below the xy plane: its azimuth is the upper one's
+    tensor = cylindrical_tensor(0.8e-3, 0.7, -axis(0.6, 2.5))
+    below = torch.tensor(log_tensor(tensor)).reshape(1, 6, 1, 1, 1)
+    assert abs(float(axis_azimuth(below)) - 2.5) < 1e-6
+
+
+def test_aligned_target_takes_the_prediction_azimuth_and_keeps_its_angle_to_z():
+    target, prediction = log_cylinder(0.6, 0.3), log_cylinder(1.1, 2.0)
+    aligned = align_azimuth(target, prediction)
+    torch.testing.assert_close(aligned, log_cylinder(0.6, 2.0), atol=1e-9, rtol=0)
+    torch.testing.assert_close(aligned[:, 5], target[:, 5])  # zz: the angle to z stays
+    torch.testing.assert_close(aligned[:, [0, 3, 5]].sum(1), target[:, [0, 3, 5]].sum(1))  # MD stays
+
+
+def test_azimuth_free_loss_ignores_the_azimuth_but_not_the_angle_to_b0():
+    mask = torch.ones(1, 1, 1, 1, 1)
+    free, full = TensorLoss(azimuth_free=True), TensorLoss()
+    target = log_cylinder(0.6, 0.3).float()
+    other_azimuth = log_cylinder(0.6, 2.0).float()
+    other_inclination = log_cylinder(1.2, 0.3).float()
+    assert float(free(other_azimuth, target, mask)["total"]) < 1e-6
+    assert float(full(other_azimuth, target, mask)["total"]) > 0.3
+    assert float(free(other_inclination, target, mask)["total"]) > 0.3
+
+
+def test_the_azimuth_free_recipe_is_the_default_recipe_but_for_the_azimuth_and_the_cycle_turn():
+    default, free = RECIPES["log-euclidean"], RECIPES["log-euclidean-azimuth-free"]
+    assert free.azimuth_free and not default.azimuth_free
+    assert free.augmentation == "phase-cycles" and free.cycle_profile and not default.cycle_profile
+    differences = ("name", "azimuth_free", "augmentation", "cycle_profile")
+    assert {k: v for k, v in vars(free).items() if k not in differences} == \
+        {k: v for k, v in vars(default).items() if k not in differences}
+
+
+def preprocessed_cycles(df_hz: np.ndarray, tr: float = 4.8e-3, te: float = 2.4e-3, n: int = 12) -> np.ndarray:
+    """Interleaved magnitude/phase (X, 2n) after the global-phase removal, for voxels of three tissues at
+    off-resonances ``df_hz`` (X,)."""
+    t1 = np.array([0.9, 1.4, 4.0])[np.arange(len(df_hz)) % 3]
+    t2 = np.array([0.07, 0.09, 2.0])[np.arange(len(df_hz)) % 3]
+    signal = bssfp_steady_state(t1, t2, tr, te, np.deg2rad(15.0), df_hz, 2 * np.pi * np.arange(n) / n)
+    signal = remove_global_phase(signal[:, None, None, :])[:, 0, 0, :]
+    return interleave_channels(np.abs(signal), np.angle(signal))
+
+
+def test_phase_cycle_turn_is_a_global_off_resonance_offset():
+    rng = np.random.default_rng(0)
+    df = rng.uniform(-60.0, 60.0, 30)
+    tr, n = 4.8e-3, 12
+    original = preprocessed_cycles(df, tr=tr, n=n)
+    for k in (1, 5):
+        shifted = preprocessed_cycles(df + k / (n * tr), tr=tr, n=n)
+        turned = np.roll(original, 2 * k, axis=-1)  # PhaseCycleTurn by C - k cycles
+        np.testing.assert_allclose(np.abs(np.exp(1j * shifted[:, 1::2]) - np.exp(1j * turned[:, 1::2])), 0,
+                                   atol=1e-9)
+        np.testing.assert_allclose(shifted[:, 0::2], turned[:, 0::2], rtol=1e-9)
+
+
+def test_phase_cycle_turn_moves_magnitude_phase_pairs_together_and_only_for_pc_bssfp():
+    channels = torch.arange(24, dtype=torch.float32).reshape(24, 1, 1, 1).expand(24, 4, 4, 4).clone()
+    subject = tio.Subject(input=tio.ScalarImage(tensor=channels.clone()),
+                          target=tio.ScalarImage(tensor=torch.zeros(6, 4, 4, 4)))
+    torch.manual_seed(1)
+    turned = data.PhaseCycleTurn("pc-bssfp")(subject)["input"].data[:, 0, 0, 0]
+    shift = int(turned[0]) // 2
+    assert shift != 0
+    expected = torch.roll(torch.arange(24, dtype=torch.float32), -2 * shift)
+    torch.testing.assert_close(turned, expected)
+    for modality in ("bssfp", "t1w"):  # one repeated cycle: nothing to turn; T1w: no cycles
+        size = 24 if modality == "bssfp" else 6
+        plain = tio.Subject(input=tio.ScalarImage(tensor=channels[:size].clone()))
+        torch.testing.assert_close(data.PhaseCycleTurn(modality)(plain)["input"].data, channels[:size])
+
+
+# --------------------------------------------------------------------------- phase-cycle profile features
+def normalised_channels(signal: np.ndarray, magnitude_high: float = 3000.0) -> torch.Tensor:
+    """Complex cycles (N, C) -> interleaved channels (1, 2C, N, 1, 1) normalised as the app does: magnitude
+    [0, ``magnitude_high``] and phase [-pi, pi] onto [0, 1]."""
+    channels = interleave_channels(np.abs(signal) / magnitude_high, (np.angle(signal) + np.pi) / (2 * np.pi))
+    return torch.tensor(channels.T[None, :, :, None, None], dtype=torch.float64)
+
+
+def profile_module(magnitude_high: float = 3000.0):
+    from bssfp2dt.models.generator import PhaseCycleProfile
+
+    module = PhaseCycleProfile(24).double()
+    module.magnitude_range.copy_(torch.tensor([0.0, magnitude_high]))
+    return module
+
+
+def test_cycle_profile_is_the_complex_profile_free_of_gain_and_common_phase():
+    rng = np.random.default_rng(5)
+    df = rng.uniform(-80, 80, 40)
+    signal = 900.0 * bssfp_steady_state(1.0, 0.08, 4.8e-3, 2.4e-3, np.deg2rad(15.0), df,
+                                        2 * np.pi * np.arange(12) / 12)
+    module = profile_module()
+    features = module(normalised_channels(signal))[0, :, :, 0, 0].T.numpy()  # (N, 37)
+    mean = np.abs(signal).mean(axis=1, keepdims=True)
+    z = signal.sum(axis=1, keepdims=True)
+    rotated = signal * np.conj(z) / np.abs(z) / mean  # the voxel's profile, gain and common phase removed
+    np.testing.assert_allclose(features[:, :12], np.abs(signal) / mean, rtol=1e-4)
+    np.testing.assert_allclose(features[:, 12:24], rotated.real, atol=1e-4)
+    np.testing.assert_allclose(features[:, 24:36], rotated.imag, atol=1e-4)
+    # another receive gain and transmit/receive phase: the profile is the same, only the level moves
+    other = module(normalised_channels(signal * 0.6 * np.exp(1j * rng.uniform(-3, 3, (40, 1)))))[0, :, :, 0, 0].T
+    np.testing.assert_allclose(other.numpy()[:, :36], features[:, :36], atol=1e-4)
+    assert np.all(other.numpy()[:, 36] < features[:, 36])
+
+
+def test_only_the_phase_cycled_head_gets_the_profile_and_checkpoints_keep_it(tmp_path):
+    from bssfp2dt.models.checkpoint import load_release_checkpoint, save_release_checkpoint
+    from bssfp2dt.models.generator import build_generator
+    from bssfp2dt.preprocessing.normalization import Normalization, Range
+
+    generator = build_generator("tiny", ["pc-bssfp", "bssfp", "t1w"], norm="none", cycle_profile=True)
+    assert generator.heads["pc-bssfp"].profile is not None
+    assert generator.heads["bssfp"].profile is None and generator.heads["t1w"].profile is None
+    generator.set_input_ranges(Normalization(magnitude=Range(0.5, 4000.0), phase=Range(-3.1, 3.1)))
+    path = save_release_checkpoint(tmp_path / "m.pt", generator, config={}, stage="direct", modality="pc-bssfp",
+                                   normalization={})
+    loaded, metadata = load_release_checkpoint(path)
+    assert metadata.size.cycle_profile
+    torch.testing.assert_close(loaded.heads["pc-bssfp"].profile.magnitude_range, torch.tensor([0.5, 4000.0]))
+    torch.testing.assert_close(loaded.heads["pc-bssfp"].profile.phase_range, torch.tensor([-3.1, 3.1]))
+    x = torch.rand(1, 24, 16, 16, 16)
+    torch.testing.assert_close(loaded(x, "pc-bssfp"), generator.eval()(x, "pc-bssfp"))
