@@ -130,23 +130,34 @@ def profile_module(magnitude_high: float = 3000.0):
     return module
 
 
-def test_cycle_profile_is_the_complex_profile_free_of_gain_and_common_phase():
+def profile_reference(signal: np.ndarray) -> np.ndarray:
+    """numpy version of the profile features (N, 29) of complex cycles (N, 12), without the level channel."""
+    modes = np.fft.fft(signal, axis=-1)
+    zero = modes[:, :1]
+    cross = modes[:, 1:6] * modes[:, [11, 10, 9, 8, 7]] / zero ** 2
+    chain = modes[:, 2:6] * np.conj(modes[:, 1:5]) * np.conj(modes[:, 1:2]) * zero / np.abs(zero) ** 4
+    return np.concatenate([np.log(np.abs(modes[:, 1:]) / np.abs(zero) + 1e-6), cross.real, cross.imag,
+                           chain.real, chain.imag], axis=1)
+
+
+def test_cycle_profile_is_free_of_gain_common_phase_and_cycle_turns():
     rng = np.random.default_rng(5)
     df = rng.uniform(-80, 80, 40)
     signal = 900.0 * bssfp_steady_state(1.0, 0.08, 4.8e-3, 2.4e-3, np.deg2rad(15.0), df,
                                         2 * np.pi * np.arange(12) / 12)
     module = profile_module()
-    features = module(normalised_channels(signal))[0, :, :, 0, 0].T.numpy()  # (N, 37)
-    mean = np.abs(signal).mean(axis=1, keepdims=True)
-    z = signal.sum(axis=1, keepdims=True)
-    rotated = signal * np.conj(z) / np.abs(z) / mean  # the voxel's profile, gain and common phase removed
-    np.testing.assert_allclose(features[:, :12], np.abs(signal) / mean, rtol=1e-4)
-    np.testing.assert_allclose(features[:, 12:24], rotated.real, atol=1e-4)
-    np.testing.assert_allclose(features[:, 24:36], rotated.imag, atol=1e-4)
-    # another receive gain and transmit/receive phase: the profile is the same, only the level moves
-    other = module(normalised_channels(signal * 0.6 * np.exp(1j * rng.uniform(-3, 3, (40, 1)))))[0, :, :, 0, 0].T
-    np.testing.assert_allclose(other.numpy()[:, :36], features[:, :36], atol=1e-4)
-    assert np.all(other.numpy()[:, 36] < features[:, 36])
+    assert module.out_channels == 30
+    features = module(normalised_channels(signal))[0, :, :, 0, 0].T.numpy()  # (N, 30)
+    np.testing.assert_allclose(features[:, :29], profile_reference(signal), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(features[:, 29], np.log(np.abs(signal).mean(axis=1) / 3000.0 + 1e-3), rtol=1e-5)
+    # another gain, transmit/receive phase and a turn by 5 cycles: the shape is the same, only the level moves
+    other = np.roll(signal, 5, axis=1) * 0.6 * np.exp(1j * rng.uniform(-3, 3, (40, 1)))
+    changed = module(normalised_channels(other))[0, :, :, 0, 0].T.numpy()
+    np.testing.assert_allclose(changed[:, :29], features[:, :29], atol=2e-4)
+    assert np.all(changed[:, 29] < features[:, 29])
+    # and the shape tells tissues apart: another T2 gives other features
+    grey = 900.0 * bssfp_steady_state(1.4, 0.05, 4.8e-3, 2.4e-3, np.deg2rad(15.0), df, 2 * np.pi * np.arange(12) / 12)
+    assert np.abs(module(normalised_channels(grey))[0, :29, :, 0, 0].T.numpy() - features[:, :29]).max() > 0.05
 
 
 def test_only_the_phase_cycled_head_gets_the_profile_and_checkpoints_keep_it(tmp_path):

@@ -94,44 +94,51 @@ def scale_anisotropy(log_tensor: torch.Tensor, gain: float) -> torch.Tensor:
 
 
 class PhaseCycleProfile(nn.Module):
-    """Per-voxel phase-cycle profile of interleaved, normalised bSSFP channels (B, 2C, ...) -> (B, 3C + 1, ...).
+    """Shape of each voxel's phase-cycle profile from interleaved, normalised bSSFP channels (B, 2C, ...).
 
     The channels are turned back into complex cycles S_k = m_k exp(i p_k) (``magnitude_range`` and ``phase_range``:
-    the normalisation's (low, high), set by :meth:`Generator.set_input_ranges`) and re-expressed per voxel:
-    m_k / mean(m) (C), S_k conj(z) / |z| / mean(m) with z = sum_k S_k (real and imaginary parts, 2C), and
-    log(mean normalised magnitude) (1). The first 3C channels do not depend on the voxel's gain (receive field,
-    proton density) or on the phase common to its cycles (transmit/receive phase, off-resonance at TE), and have
-    no phase wraps: what is left is the shape of the profile, where the tissue's relaxation and the fibre's angle
-    to B0 show (a per-voxel regressor on these shapes tells the angle, a convolution on raw wrapped phases
-    hardly learns it). Fixed, not learned."""
+    the normalisation's (low, high), set by :meth:`Generator.set_input_ranges`), and F_n, their discrete Fourier
+    modes over the cycles (the profile's configuration modes), give: log |F_n| / |F_0| (n = 1..C-1);
+    F_n F_-n / F_0^2 (n = 1..C/2-1, real and imaginary parts); F_n+1 conj(F_n) conj(F_1) F_0 / |F_0|^4
+    (n = 1..C/2-2, both parts); and log of the mean normalised magnitude. Output (B, 3C - 6, ...) for even C.
+
+    All but the last channel are unchanged by the voxel's gain (receive field, proton density), by a phase common
+    to its cycles (transmit/receive phase, off-resonance at TE) and by a turn of the cycles (a global off-resonance
+    of whole cycles: F_n gains the factor exp(2 pi i n k / C), which cancels in each product), and none wraps.
+    What is left is the profile's shape, where the tissue's relaxation and the fibre's angle to B0 show: a
+    per-voxel regressor on these shapes tells the angle on held-out subjects, a convolution on the raw wrapped
+    phases hardly learns it (``docs/modalities.md``). Fixed, not learned."""
 
     EPSILON = 1e-7
 
     def __init__(self, in_channels: int):
         super().__init__()
-        if in_channels % 2:
-            raise ValueError(f"interleaved magnitude/phase channels must be even, got {in_channels}")
+        if in_channels % 4:
+            raise ValueError(f"interleaved magnitude/phase channels of an even number of cycles, got {in_channels}")
         self.cycles = in_channels // 2
         self.register_buffer("magnitude_range", torch.tensor([0.0, 1.0]))
         self.register_buffer("phase_range", torch.tensor([-math.pi, math.pi]))
 
     @property
     def out_channels(self) -> int:
-        return 3 * self.cycles + 1
+        return 3 * self.cycles - 6
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        magnitude_low, magnitude_high = self.magnitude_range[0], self.magnitude_range[1]
-        normalised = x[:, 0::2].clamp_min(0.0)
-        magnitude = magnitude_low + normalised * (magnitude_high - magnitude_low)
-        phase = self.phase_range[0] + x[:, 1::2] * (self.phase_range[1] - self.phase_range[0])
-        real, imaginary = magnitude * torch.cos(phase), magnitude * torch.sin(phase)
-        sum_real, sum_imaginary = real.sum(1, keepdim=True), imaginary.sum(1, keepdim=True)
-        modulus = torch.sqrt(sum_real ** 2 + sum_imaginary ** 2 + self.EPSILON)
-        mean = magnitude.mean(1, keepdim=True) + self.EPSILON * magnitude_high
-        scale = modulus * mean
-        return torch.cat([magnitude / mean, (real * sum_real + imaginary * sum_imaginary) / scale,
-                          (imaginary * sum_real - real * sum_imaginary) / scale,
-                          torch.log(normalised.mean(1, keepdim=True) + 1e-3)], dim=1)
+        low, high = self.magnitude_range[0], self.magnitude_range[1]
+        normalised = x[:, 0::2].clamp_min(0.0).to(torch.float64)
+        magnitude = low + normalised * (high - low)
+        phase = self.phase_range[0] + x[:, 1::2].to(torch.float64) * (self.phase_range[1] - self.phase_range[0])
+        modes = torch.fft.fft(torch.polar(magnitude, phase), dim=1)
+        zero = modes[:, :1]
+        power = zero.abs() + self.EPSILON * high
+        half = self.cycles // 2
+        parts = [torch.log(modes[:, 1:].abs() / power + 1e-6)]
+        negative = modes[:, self.cycles - half + 1:].flip(1)  # F_-n, n = 1..C/2-1
+        cross = modes[:, 1:half] * negative * zero.conj() ** 2 / power ** 4
+        chain = modes[:, 2:half] * modes[:, 1:half - 1].conj() * modes[:, 1:2].conj() * zero / power ** 4
+        parts += [cross.real, cross.imag, chain.real, chain.imag,
+                  torch.log(normalised.mean(1, keepdim=True) + 1e-3)]
+        return torch.cat(parts, dim=1).to(x.dtype)
 
 
 class InputHead(nn.Module):
