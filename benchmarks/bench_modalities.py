@@ -79,10 +79,21 @@ for folder in (REPO / "scripts", REPO / "benchmarks"):
 
 SETTINGS = {"easy-random-fibres": {"regime": "easy", "random_fibres": True},
             "realistic": {"regime": "realistic", "random_fibres": False}}
-#: Each setting's training recipe (``--recipe`` overrides both). With random fibre directions nothing but the DT
-#: tells a fibre's azimuth about B0, so setting (a) trains every modality without asking for it (the recipe's
-#: docstring says why a loss that asks for it hides the angle to B0 as well).
+#: Each setting's training recipe for the inputs that do not see the tensor (``--recipe`` overrides it). With
+#: random fibre directions nothing but the DT tells a fibre's azimuth about B0, so setting (a) trains them
+#: without asking for it (the recipe's docstring says why a loss that asks for it hides the angle to B0 as well);
+#: the DT autoencoder sees the azimuth and always trains with the default recipe.
 SETTING_RECIPES = {"easy-random-fibres": "log-euclidean-azimuth-free", "realistic": "log-euclidean"}
+
+
+def recipe_for(setting: str, modality: str, override: str | None) -> str:
+    """The training recipe of ``modality`` in ``setting`` (``override``: ``--recipe``)."""
+    from bssfp2dt import modalities
+    from bssfp2dt.training.recipes import DEFAULT_RECIPE
+
+    if override:
+        return override
+    return DEFAULT_RECIPE if modalities.get(modality) is modalities.AUTOENCODER else SETTING_RECIPES[setting]
 TISSUES = ("CSF", "GM", "WM")
 POOLED = {"diagonal": ("D11", "D22", "D33"), "offdiagonal": ("D12", "D13", "D23")}
 REFERENCE_METRICS = ("diagonal", "offdiagonal", "fa", "md", "ad", "rd", "inclination", "azimuth")
@@ -251,12 +262,12 @@ def run_setting(name: str, args) -> dict:
     from bench_learning_curve import held_out_sessions
 
     spec, folder, started = SETTINGS[name], args.work / name, time.perf_counter()
-    training = {"recipe": args.recipe or SETTING_RECIPES[name], "model_size": args.model_size,
-                "patch_size": args.patch_size, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
-                "minutes": args.minutes,
-                "max_steps": args.max_steps, "seed": args.seed, "structure_init": True}
+    training = {"model_size": args.model_size, "patch_size": args.patch_size, "batch_size": args.batch_size,
+                "learning_rate": args.learning_rate, "minutes": args.minutes, "max_steps": args.max_steps,
+                "seed": args.seed, "structure_init": True}
     jobs = [{"folder": str(folder), "threads": args.threads, "threshold": args.tissue_threshold,
-             "training": {**training, "modality": modality}} for modality in args.modalities]
+             "training": {**training, "modality": modality, "recipe": recipe_for(name, modality, args.recipe)}}
+            for modality in args.modalities]
     with ProcessPoolExecutor(max_workers=args.parallel, mp_context=get_context("spawn")) as pool:
         trained = {result["modality"]: result for result in pool.map(train_and_evaluate, jobs)}
     sessions = held_out_sessions(folder / "work-heldout")
@@ -271,7 +282,8 @@ def run_setting(name: str, args) -> dict:
                                             "train_subjects": args.train_subjects,
                                             "held_out_subjects": args.test_subjects,
                                             "voxel_scale": args.voxel_scale, "tiny": args.tiny},
-            "training": {**training, "parallel": args.parallel, "threads_per_model": args.threads},
+            "training": {**training, "parallel": args.parallel, "threads_per_model": args.threads,
+                         "recipes": {job["training"]["modality"]: job["training"]["recipe"] for job in jobs}},
             "tissue_threshold": args.tissue_threshold, "b0_angle_to_grid_z_deg": tilt,
             "steps": {m: trained[m]["steps"] for m in order},
             "train_minutes": {m: trained[m]["train_minutes"] for m in order},
@@ -298,8 +310,9 @@ def markdown_table(result: dict) -> str:
     lines = [f"## Setting {result['setting']}: regime {simulation['regime']}, random fibres "
              f"{'yes' if simulation['random_fibres'] else 'no'}", "",
              f"{simulation['train_subjects']} training subjects (seed {simulation['train_seed']}), "
-             f"{simulation['held_out_subjects']} held-out (seed {simulation['held_out_seed']}); recipe "
-             f"{training['recipe']}, {training['model_size']} model, {training['minutes']:g} min per model "
+             f"{simulation['held_out_subjects']} held-out (seed {simulation['held_out_seed']}); recipes "
+             + ", ".join(f"{m} {r}" for m, r in training["recipes"].items())
+             + f"; {training['model_size']} model, {training['minutes']:g} min per model "
              f"({training['parallel']} at once, {training['threads_per_model']} thread(s) each); steps: "
              + ", ".join(f"{m} {n}" for m, n in result["steps"].items())
              + ". Medians over the voxels of the pipeline's brain mask with true tissue "

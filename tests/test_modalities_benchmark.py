@@ -49,3 +49,21 @@ def test_modalities_benchmark_runs_in_tiny_mode(tmp_path):
         assert result["references"]["random-axes"]["b0_inclination"]["WM"] > 15.0
         assert all(angle < 10.0 for angle in result["b0_angle_to_grid_z_deg"].values())
         assert "| inclination to B0 (axis) | WM |" in table
+        # the azimuth about B0 is asked of the DT autoencoder only in the random-fibre setting
+        expected_recipes = {m: "log-euclidean" if m == "dwi-tensor" or setting == "realistic"
+                            else "log-euclidean-azimuth-free" for m in modality_names()}
+        assert result["training"]["recipes"] == expected_recipes
+
+
+def test_orientation_probe_finds_the_angle_to_b0_in_simulated_voxels(tmp_path):
+    """Tiny mode of benchmarks/bench_orientation_probe.py: in the easy regime the noiseless pc-bSSFP profile
+    of one white-matter voxel tells the fibre's angle to B0 far better than a constant does."""
+    out = tmp_path / "probe.json"
+    completed = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_orientation_probe.py"), "--tiny",
+                                "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    easy = json.loads(out.read_text())["simulator"]["easy"]["noiseless"]["cycle invariants"]
+    best = min(easy["ridge (quadratic)"], easy["gradient boosting"])
+    assert best < easy["constant (training median)"] - 8.0
+    assert 15.0 < easy["random axes"] < 35.0
+    assert "| simulator voxels | easy, noiseless | cycle invariants |" in out.with_suffix(".md").read_text()

@@ -226,12 +226,14 @@ def turn_about_z(log_tensor: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
                       c * xz - s * yz, s * s * xx + 2 * c * s * xy + c * c * yy, s * xz + c * yz, zz], dim=1)
 
 
-def align_azimuth(target: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
-    """The target log-tensors (B, 6, ...) turned about the voxel z axis (B0 in a scan without tilt) until
-    their principal axis has the azimuth of the prediction's: what a loss may ask of an input that sees a
-    fibre's angle to B0 but not its azimuth about B0 (bSSFP alone, when anatomy does not tell the direction).
-    Angles to z, eigenvalues and MD of the target are unchanged; no gradient flows through the turn."""
-    return turn_about_z(target, axis_azimuth(prediction) - axis_azimuth(target))
+def canonical_azimuth(target: torch.Tensor) -> torch.Tensor:
+    """The target log-tensors (B, 6, ...) turned about the voxel z axis (B0 in a scan without tilt) until their
+    principal axis lies in the xz half-plane x >= 0 (azimuth 0): what a loss may ask of an input that sees a
+    fibre's angle to B0 but not its azimuth about B0 (bSSFP alone, where anatomy does not tell the direction).
+    The angle to z, the eigenvalues and MD are unchanged. A network trained on these targets answers every
+    fibre in that half-plane; asked for the true azimuth instead, the best it can do is the mean over azimuths,
+    a tensor symmetric about z whose principal axis is z itself or lies across it, and the angle is lost."""
+    return turn_about_z(target, -axis_azimuth(target))
 
 
 class TensorLoss:
@@ -239,8 +241,8 @@ class TensorLoss:
 
     ``__call__(prediction, target, mask, white_matter)`` with prediction/target (B, 6, X, Y, Z) log-tensors,
     mask and white_matter (B, 1, X, Y, Z) returns the terms ``components``, ``anisotropy``, ``direction``
-    and ``total``. ``azimuth_free``: compare with the target turned about z to the prediction's azimuth
-    (:func:`align_azimuth`).
+    and ``total``. ``azimuth_free``: compare with the target turned about z to azimuth 0
+    (:func:`canonical_azimuth`).
     """
 
     def __init__(self, weights: TensorLossWeights = TensorLossWeights(), azimuth_free: bool = False):
@@ -251,7 +253,7 @@ class TensorLoss:
     def __call__(self, prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                  white_matter: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if self.azimuth_free:
-            target = align_azimuth(target, prediction)
+            target = canonical_azimuth(target)
         weights = voxel_weights(mask, white_matter, self.weights.white_matter)
         total_weight = weights.sum().clamp_min(1.0)
         frobenius = self.frobenius.to(prediction)

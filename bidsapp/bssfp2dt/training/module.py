@@ -33,7 +33,7 @@ from bssfp2dt.models.checkpoint import save_release_checkpoint
 from bssfp2dt.models.discriminator import build_discriminator
 from bssfp2dt.models.generator import Generator
 from bssfp2dt.training.losses import (
-    GeneratorLoss, LossWeights, TensorLoss, TensorLossWeights, align_azimuth, discriminator_loss,
+    GeneratorLoss, LossWeights, TensorLoss, TensorLossWeights, canonical_azimuth, discriminator_loss,
     log_tensor_errors,
 )
 from bssfp2dt.training.recipes import RECIPES, Recipe
@@ -198,7 +198,7 @@ class Bssfp2dtGAN(L.LightningModule):
         prediction = self(batch["input"])
         white_matter = batch["wm"] if "wm" in batch else torch.ones_like(batch["mask"])
         region = (batch["mask"] > 0) & (white_matter > VALIDATION_WM_PROBABILITY)
-        target = align_azimuth(batch["target"], prediction) if self.recipe.azimuth_free else batch["target"]
+        target = canonical_azimuth(batch["target"]) if self.recipe.azimuth_free else batch["target"]
         errors = log_tensor_errors(prediction, target, region.to(prediction.dtype))
         errors = {name: value.to(prediction.dtype) for name, value in errors.items()}
         errors["loss"] = sum(weight * errors[name] for name, weight in SCORE_WEIGHTS.items())

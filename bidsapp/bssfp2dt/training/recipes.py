@@ -17,7 +17,7 @@ white matter; no augmentation; no discriminator; AdamW with a short warm-up, gra
 release checkpoint chosen on whole held-out volumes by the white-matter V1 angle, FA and MD errors.
 
 ``log-euclidean-azimuth-free``: the same, but nothing asks for the fibre's azimuth about B0 (the voxel z axis):
-the loss and the validation turn the target about z to the prediction's azimuth, and the pc-bSSFP cycles are
+the loss and the validation turn the target about z to azimuth 0, and the pc-bSSFP cycles are
 turned by a random whole number of cycles (a global off-resonance offset, which the physics maps exactly onto
 that turn). For inputs that can tell a fibre's angle to B0 but not its azimuth (bSSFP where anatomy does not
 give the direction, ``benchmarks/bench_modalities.py``): with the azimuth in the loss, the best a network can
@@ -44,7 +44,7 @@ class Recipe:
     tensor errors); ``warmup_steps``: linear learning-rate warm-up (batches); ``gradient_clip``: max gradient
     norm (0: none); ``patch_size``: default training patch edge (voxels); ``learning_rate``: default rate of
     the ``direct`` stage; ``azimuth_free``: the loss and the validation compare with the target turned about
-    the voxel z axis to the prediction's azimuth (``training.losses.align_azimuth``); ``cycle_profile``: the
+    the voxel z axis to azimuth 0 (``training.losses.canonical_azimuth``); ``cycle_profile``: the
     pc-bSSFP head also sees the per-voxel phase-cycle profile (``models.generator.PhaseCycleProfile``).
     """
 
