@@ -154,7 +154,8 @@ def train_generator(args, train, record=None, eval_every: int | None = None):
     generator.set_input_ranges(normalization)
     generator.set_output_offset(data.mean_normalised_target(pairs, normalization))
     if args.structure_init:
-        initialise_structure_head(generator, args.modality, loaded.training_volumes(), seed=args.seed)
+        initialise_structure_head(generator, args.modality, loaded.training_volumes(), seed=args.seed,
+                                  azimuth_free=recipe.azimuth_free)
     module = Bssfp2dtGAN(generator, stage, args.modality, recipe=recipe, seed=args.seed,
                          learning_rate=args.learning_rate or recipe.learning_rate or stage.learning_rate)
     optimiser = torch.optim.AdamW(module.trainable_generator_parameters, lr=module.learning_rate,

@@ -74,7 +74,8 @@ def run_training(plan) -> int:
         offset = data.mean_normalised_target(pairs["train"], normalization)
         start.generator.set_output_offset(offset)
         logger.info("output bias set to the mean normalised training tensor %s", np.array2string(offset, precision=3))
-        initialise_structure_head(start.generator, input_modality, datamodule.training_volumes(), seed=settings.seed)
+        initialise_structure_head(start.generator, input_modality, datamodule.training_volumes(), seed=settings.seed,
+                                  azimuth_free=recipe.azimuth_free)
     learning_rate = settings.learning_rate or (recipe.learning_rate if stage.init_from is None else None)
     module = Bssfp2dtGAN(start.generator, stage, modality, seed=settings.seed, learning_rate=learning_rate,
                          perceptual_weights=settings.perceptual_weights, lr_schedule=settings.lr_schedule,

@@ -111,14 +111,19 @@ def _calibrate_anisotropy(solution: np.ndarray, design: np.ndarray, target: np.n
 
 
 def initialise_structure_head(generator, modality: str, volumes: Sequence[dict[str, torch.Tensor]],
-                              white_matter_weight: float = 3.0, seed: int = 0) -> bool:
+                              white_matter_weight: float = 3.0, seed: int = 0, azimuth_free: bool = False) -> bool:
     """Fit ``generator.heads[modality]``'s contrast maps and shortcut on training ``volumes``; True if done.
 
     ``volumes``: dicts of (C, X, Y, Z) tensors ``input``, ``target`` (network coordinates), ``mask`` and ``wm``.
+    ``azimuth_free``: fit the targets the azimuth-free loss compares with (``losses.canonical_azimuth``).
     """
     head = generator.heads[modality]
     if head.shortcut is None or not volumes or any("wm" not in volume for volume in volumes):
         return False
+    if azimuth_free:
+        from bssfp2dt.training.losses import canonical_azimuth
+
+        volumes = [{**volume, "target": canonical_azimuth(volume["target"][None])[0]} for volume in volumes]
     rng = np.random.default_rng(seed)
     chosen = _voxels(volumes, rng)
     flat = lambda tensor, index: tensor.reshape(tensor.shape[0], -1)[:, index].T.numpy().astype(np.float64)  # noqa: E731
