@@ -178,3 +178,27 @@ def test_only_the_phase_cycled_head_gets_the_profile_and_checkpoints_keep_it(tmp
     torch.testing.assert_close(loaded.heads["pc-bssfp"].profile.phase_range, torch.tensor([-3.1, 3.1]))
     x = torch.rand(1, 24, 16, 16, 16)
     torch.testing.assert_close(loaded(x, "pc-bssfp"), generator.eval()(x, "pc-bssfp"))
+
+
+def test_voxel_map_start_fits_a_non_linear_profile_map_and_the_head_reproduces_it():
+    from bssfp2dt.models.generator import InputHead
+    from bssfp2dt.training.initialisation import _fit_voxel_map
+
+    head = InputHead(24, 4, normalise=False, cycle_profile=True)
+    rng = np.random.default_rng(0)
+    design = rng.normal(2.0, 3.0, (4000, head.profile.out_channels))  # the profile part: the last columns
+    z = (design - 2.0) / 3.0
+    residual = np.stack([np.tanh(z[:, 0]) * z[:, 1], z[:, 2] ** 2 - 1, np.abs(z[:, 3]) - 0.8, z[:, 4] * 0,
+                         np.maximum(z[:, 5], 0) - 0.4, z[:, 0] * z[:, 2]], axis=1)
+    weights = np.ones(len(design))
+    fitted = _fit_voxel_map(head, design, residual, weights, seed=0)
+    explained = 1.0 - ((residual - fitted) ** 2).sum() / ((residual - residual.mean(0)) ** 2).sum()
+    assert explained > 0.8  # no linear map could do this: every column is a non-linear function
+    linear = np.linalg.lstsq(np.c_[design, np.ones(len(design))], residual, rcond=None)[0]
+    linear_explained = 1.0 - ((residual - np.c_[design, np.ones(len(design))] @ linear) ** 2).sum() \
+        / ((residual - residual.mean(0)) ** 2).sum()
+    assert explained > linear_explained + 0.3
+    with torch.no_grad():
+        auxiliary = torch.from_numpy(design.T[None, :, :, None, None].astype(np.float32))
+        through_head = head.voxel_map(head.standardised_profile(auxiliary))[0, :, :, 0, 0].T.numpy()
+    np.testing.assert_allclose(through_head, fitted, atol=1e-4)

@@ -64,6 +64,7 @@ NORMS = ("batch", "none")
 STRUCTURE_MAPS = 2  # learned contrast maps whose structure tensors feed each head
 COMPONENT_PAIRS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))  # (row, column) of the BEP016 components
 CONTRAST_HIDDEN = 16  # hidden channels of the contrast maps' 3x3x3 layer
+VOXEL_MAP_HIDDEN = 64  # hidden channels of the per-voxel profile map
 
 
 def resolve_size(size: str | GeneratorSize) -> GeneratorSize:
@@ -173,6 +174,19 @@ class InputHead(nn.Module):
             self.shortcut = nn.Conv3d(auxiliary, TENSOR_CHANNELS, 1)
             nn.init.zeros_(self.shortcut.weight)
             nn.init.zeros_(self.shortcut.bias)
+        self.voxel_map = None
+        if self.profile is not None:
+            # The profile's shape -> tensor map of one voxel is not linear (the angle to B0 shows as a ratio of
+            # modes): a small per-voxel network on the standardised profile, zero at the start, fitted before
+            # training (``training.initialisation``), added to the shortcut.
+            features = self.profile.out_channels
+            self.register_buffer("profile_mean", torch.zeros(features))
+            self.register_buffer("profile_scale", torch.ones(features))
+            self.voxel_map = nn.Sequential(nn.Conv3d(features, VOXEL_MAP_HIDDEN, 1), nn.ReLU(),
+                                           nn.Conv3d(VOXEL_MAP_HIDDEN, VOXEL_MAP_HIDDEN, 1), nn.ReLU(),
+                                           nn.Conv3d(VOXEL_MAP_HIDDEN, TENSOR_CHANNELS, 1))
+            nn.init.zeros_(self.voxel_map[-1].weight)
+            nn.init.zeros_(self.voxel_map[-1].bias)
         # Gain of the output's trace-free (anisotropic) part, set after training by
         # ``training.calibration``: 1 leaves the output as the network computes it.
         self.register_buffer("anisotropy_gain", torch.ones(()))
@@ -190,13 +204,22 @@ class InputHead(nn.Module):
         parts = [part(x) for part in (self.structure, self.profile) if part is not None]
         return torch.cat(parts, dim=1) if parts else None
 
+    def standardised_profile(self, auxiliary: torch.Tensor) -> torch.Tensor:
+        """The profile part of ``auxiliary`` features (its last channels), standardised: the voxel map's input."""
+        profile = auxiliary[:, -self.profile.out_channels:]
+        shape = (1, -1) + (1,) * (profile.ndim - 2)
+        return (profile - self.profile_mean.reshape(shape)) / self.profile_scale.reshape(shape)
+
     def features_and_shortcut(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(backbone input (B, 24, ...), output shortcut (B, 6, ...) or None)."""
         auxiliary = self.auxiliary_features(x)
         if auxiliary is None:
             return self.activation(self.body(x) + self.skip(x)), None
         features = self.activation(self.body(torch.cat([x, auxiliary], dim=1)) + self.skip(x))
-        return features, self.shortcut(auxiliary)
+        shortcut = self.shortcut(auxiliary)
+        if self.voxel_map is not None:
+            shortcut = shortcut + self.voxel_map(self.standardised_profile(auxiliary))
+        return features, shortcut
 
 
 class StructureTensorFeatures(nn.Module):
