@@ -282,8 +282,11 @@ def build_parser(describe: Callable[[], str] | None = None) -> BidsAppArgumentPa
     training.add_argument("--recipe", choices=tuple(RECIPES), default=default("recipe"),
                           help="training recipe: log-euclidean (log-tensor targets, masked white-matter-weighted loss "
                                "with an anisotropy term, no batch norm, structure-tensor features, checkpoint chosen "
-                               "by white-matter errors: learns on a CPU) or reference (the published method: min/max "
-                               "targets, L1 + SSIM + GAN, batch norm) (default: %(default)s)")
+                               "by white-matter errors: learns on a CPU), log-euclidean-azimuth-free (the same without "
+                               "the fibre's azimuth about B0 in the loss, with phase-cycle profile features: for "
+                               "bSSFP where anatomy does not give the direction, docs/modalities.md) or reference "
+                               "(the published method: min/max targets, L1 + SSIM + GAN, batch norm) "
+                               "(default: %(default)s)")
     training.add_argument("--early-stopping-patience", "--early_stopping_patience", dest="patience",
                           type=positive_int, default=default("patience"), metavar="EPOCHS",
                           help="stop after this many epochs without a lower validation loss (default: %(default)s)")
