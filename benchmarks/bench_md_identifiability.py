@@ -93,15 +93,16 @@ def _scan_tissue(anatomy, subject, pose, template_points, fractions):
     return tissue
 
 
-def simulate(n_subjects: int, n_voxels: int, seed: int) -> dict:
-    """Draw subjects and compute their WM/GM/CSF voxel signals. Returns arrays keyed by name."""
+def simulate(n_subjects: int, n_voxels: int, seed: int, regime: str | None = None) -> dict:
+    """Draw subjects and compute their WM/GM/CSF voxel signals. Returns arrays keyed by name. ``regime``:
+    the simulation regime (default: ``SimulationConfig``'s)."""
     from bssfp2dt.simulation.anatomy import make_anatomy
     from bssfp2dt.simulation.dataset import SimulationConfig
     from bssfp2dt.simulation.geometry import ImageGrid
     from bssfp2dt.simulation.imaging import CSF, GM, WM, b0_field_hz, image_bssfp, image_t1w
     from bssfp2dt.simulation.subject import REGIMES, sample_subject
 
-    config = SimulationConfig()
+    config = SimulationConfig() if regime is None else SimulationConfig(regime=regime)
     protocol, regime = config.protocol(), REGIMES[config.regime]
     anatomy = make_anatomy(config.anatomy)
     centre = (anatomy.extent[0] + anatomy.extent[1]) / 2.0

@@ -26,7 +26,6 @@ Run: ``PYTHONPATH=bidsapp .venv/bin/python benchmarks/bench_orientation_probe.py
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import time
@@ -100,14 +99,7 @@ def simulator_stage(regime: str, n_subjects: int, n_voxels: int, seed: int) -> d
     """Pure-WM voxels of ``regime``: {noise: {features: {regressor: [error]}}}, fitted on half the subjects."""
     import bench_md_identifiability as identifiability
 
-    import bssfp2dt.simulation.dataset as dataset
-
-    original = dataset.SimulationConfig
-    dataset.SimulationConfig = functools.partial(original, regime=regime)
-    try:
-        data = identifiability.simulate(n_subjects, n_voxels, seed)
-    finally:
-        dataset.SimulationConfig = original
+    data = identifiability.simulate(n_subjects, n_voxels, seed, regime)
     m, half = int(data["n_voxels"]), n_subjects // 2
     cos2 = 1.0 - data["sin2"]
     result = {}

@@ -43,6 +43,11 @@ class Modality:
         return "bssfp" in self.raw_inputs
 
     @property
+    def phase_cycled(self) -> bool:
+        """Whether the input holds distinct phase cycles (pc-bSSFP; not the single cycle repeated)."""
+        return self.reads_bssfp and not self.single_cycle
+
+    @property
     def needs_dwi(self) -> bool:
         """Whether the network input is computed from the DWI (so a subject without DWI has no input)."""
         return "dwi" in self.raw_inputs

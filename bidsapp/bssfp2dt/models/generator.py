@@ -336,8 +336,7 @@ class Generator(nn.Module):
         in_channels = check_modality(modality)
         if modality not in self.heads:
             device = next(self.backbone.parameters()).device
-            spec = modalities.get(modality)
-            profile = self.size.cycle_profile and spec.source == "bssfp" and not spec.single_cycle
+            profile = self.size.cycle_profile and modalities.get(modality).phase_cycled
             self.heads[modality] = InputHead(in_channels, self.size.head_hidden, normalise=self.size.norm == "batch",
                                              structure_scales=self.size.structure_scales,
                                              cycle_profile=profile).to(device)

@@ -426,8 +426,7 @@ class PhaseCycleTurn(tio.transforms.Transform):
         self.modality = modality
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
-        spec = modalities.get(self.modality)
-        if "magnitude" not in spec.groups or spec.single_cycle:
+        if not modalities.get(self.modality).phase_cycled:
             return subject
         image = subject["input"]
         cycles = image.data.shape[0] // 2

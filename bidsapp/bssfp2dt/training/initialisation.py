@@ -167,17 +167,11 @@ def _fit_voxel_map(head, design: np.ndarray, residual: np.ndarray, weights: np.n
     inputs = torch.from_numpy(((profile[picked] - mean) / scale).astype(np.float32))
     wanted = torch.from_numpy(residual[picked].astype(np.float32))
     weight = torch.from_numpy((weights[picked] / weights[picked].mean()).astype(np.float32))[:, None]
-    layers = [layer for layer in head.voxel_map if isinstance(layer, torch.nn.Conv3d)]
-    torch.manual_seed(seed)
-    parameters = [p for layer in layers for p in layer.parameters()]
-    optimiser = torch.optim.Adam(parameters, lr=VOXEL_MAP_RATE)
+    optimiser = torch.optim.Adam(head.voxel_map.parameters(), lr=VOXEL_MAP_RATE)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, VOXEL_MAP_STEPS)
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        for index, layer in enumerate(layers):
-            x = x @ layer.weight.reshape(layer.out_channels, -1).T + layer.bias
-            x = torch.relu(x) if index < len(layers) - 1 else x
-        return x
+    def forward(x: torch.Tensor) -> torch.Tensor:  # voxels (N, F) through the 1x1x1 map as a (1, F, N, 1, 1) image
+        return head.voxel_map(x.T[None, :, :, None, None])[0, :, :, 0, 0].T
 
     for _ in range(VOXEL_MAP_STEPS):
         loss = (weight * (forward(inputs) - wanted) ** 2).mean()

@@ -207,12 +207,15 @@ def voxel_weights(mask: torch.Tensor, white_matter: torch.Tensor | None, factor:
     return weights
 
 
+def _matrices(six: torch.Tensor) -> torch.Tensor:
+    """Symmetric 3x3 matrices (..., 3, 3), float64, of BEP016 components (..., 6)."""
+    return six.to(torch.float64)[..., [0, 1, 2, 1, 3, 4, 2, 4, 5]].reshape(*six.shape[:-1], 3, 3)
+
+
 def axis_azimuth(log_tensor: torch.Tensor) -> torch.Tensor:
     """Azimuth (B, 1, ...) in rad about the voxel z axis of the principal eigenvector of log-tensors (B, 6, ...),
     the axis taken in the upper hemisphere (z >= 0) so that the azimuth of an axis (not a vector) is unique."""
-    moved = log_tensor.detach().movedim(1, -1).to(torch.float64)
-    matrix = moved[..., [0, 1, 2, 1, 3, 4, 2, 4, 5]].reshape(*moved.shape[:-1], 3, 3)
-    v1 = torch.linalg.eigh(matrix)[1][..., -1]  # ascending eigenvalues: the last column is V1
+    v1 = torch.linalg.eigh(_matrices(log_tensor.detach().movedim(1, -1)))[1][..., -1]  # ascending: V1 is last
     v1 = torch.where(v1[..., 2:3] < 0, -v1, v1)
     return torch.atan2(v1[..., 1], v1[..., 0]).unsqueeze(1).to(log_tensor.dtype)
 
@@ -292,8 +295,7 @@ def log_tensor_errors(prediction: torch.Tensor, target: torch.Tensor, region: to
 
 def _eigen_maps(log6: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FA (N,), MD (N,) in mm^2/s and V1 (N, 3) of log-tensors (N, 6) (float64 eigen-decomposition)."""
-    matrix = log6.to(torch.float64)[:, [0, 1, 2, 1, 3, 4, 2, 4, 5]].reshape(-1, 3, 3)
-    values, vectors = torch.linalg.eigh(matrix)  # ascending
+    values, vectors = torch.linalg.eigh(_matrices(log6))  # ascending
     level = values.mean(dim=-1, keepdim=True)  # log(MD / scale) (dti.logeuclid)
     shape = torch.exp((values - level).clamp(-30, 30))
     diffusivities = scale * torch.exp(level.clamp(-30, 30)) * shape / shape.mean(dim=-1, keepdim=True)
