@@ -14,7 +14,8 @@ and (b) ``realistic``, the benchmark
    loss and with the phase cycles turned at random (``SETTING_RECIPES``), ``training.data``,
    ``training.module``, structure-head start): the ``dwi-tensor``
    autoencoder (the autoencoder stage: input and target are the preprocessed DWI tensor of the same session,
-   ``preprocessing.network_input``), ``pc-bssfp``, ``bssfp`` (the first phase cycle repeated) and ``t1w``
+   ``preprocessing.network_input``; recipe ``log-euclidean-input-shortcut``, which starts it as the identity),
+   ``pc-bssfp``, ``bssfp`` (the first phase cycle repeated) and ``t1w``
    (direct stage); ``--parallel`` models train at once with ``--threads`` threads each;
 3. predicts the whole held-out volumes and compares them with the simulator's truth (the tensor fitted to the
    noiseless DWI and the true tissue probabilities, ``evaluation.truth``, resampled onto the common grid).
@@ -82,18 +83,19 @@ SETTINGS = {"easy-random-fibres": {"regime": "easy", "random_fibres": True},
 #: Each setting's training recipe for the inputs that do not see the tensor (``--recipe`` overrides it). With
 #: random fibre directions nothing but the DT tells a fibre's azimuth about B0, so setting (a) trains them
 #: without asking for it (the recipe's docstring says why a loss that asks for it hides the angle to B0 as well);
-#: the DT autoencoder sees the azimuth and always trains with the default recipe.
+#: the DT autoencoder sees the azimuth and trains with the default recipe plus the input shortcut (its DT input is
+#: already in the output's coordinates, so it starts as the identity and its UNet learns what the input lacks).
 SETTING_RECIPES = {"easy-random-fibres": "log-euclidean-azimuth-free", "realistic": "log-euclidean"}
+AUTOENCODER_RECIPE = "log-euclidean-input-shortcut"
 
 
 def recipe_for(setting: str, modality: str, override: str | None) -> str:
     """The training recipe of ``modality`` in ``setting`` (``override``: ``--recipe``)."""
     from bssfp2dt import modalities
-    from bssfp2dt.training.recipes import DEFAULT_RECIPE
 
     if override:
         return override
-    return DEFAULT_RECIPE if modalities.get(modality) is modalities.AUTOENCODER else SETTING_RECIPES[setting]
+    return AUTOENCODER_RECIPE if modalities.get(modality) is modalities.AUTOENCODER else SETTING_RECIPES[setting]
 TISSUES = ("CSF", "GM", "WM")
 POOLED = {"diagonal": ("D11", "D22", "D33"), "offdiagonal": ("D12", "D13", "D23")}
 REFERENCE_METRICS = ("diagonal", "offdiagonal", "fa", "md", "ad", "rd", "inclination", "azimuth")

@@ -50,9 +50,14 @@ def test_modalities_benchmark_runs_in_tiny_mode(tmp_path):
         assert all(angle < 10.0 for angle in result["b0_angle_to_grid_z_deg"].values())
         assert "| inclination to B0 (axis) | WM |" in table
         # the azimuth about B0 is asked of the DT autoencoder only in the random-fibre setting
-        expected_recipes = {m: "log-euclidean" if m == "dwi-tensor" or setting == "realistic"
-                            else "log-euclidean-azimuth-free" for m in modality_names()}
+        expected_recipes = {m: "log-euclidean" if setting == "realistic" else "log-euclidean-azimuth-free"
+                            for m in modality_names()}
+        expected_recipes["dwi-tensor"] = "log-euclidean-input-shortcut"
         assert result["training"]["recipes"] == expected_recipes
+        # the autoencoder starts as the identity: a few steps leave it near its own input, the DWI fit
+        dt, fit = result["results"]["dwi-tensor"], result["references"]["dwi-fit"]
+        assert dt["v1angle"]["WM"] < fit["v1angle"]["WM"] + 2.0
+        assert dt["md"]["WM"] < 1.5 * fit["md"]["WM"] + 0.005 and dt["fa"]["WM"] < 1.5 * fit["fa"]["WM"] + 0.02
 
 
 def test_orientation_probe_finds_the_angle_to_b0_in_simulated_voxels(tmp_path):

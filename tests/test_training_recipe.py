@@ -302,3 +302,38 @@ def test_the_direction_term_ranks_orientations_and_ignores_the_amount_of_anisotr
     crossed = loss(_log_volume(cylinder((1, 0, 0))), target, ones, ones)
     assert float(weak_but_right["direction"]) == pytest.approx(0.0, abs=1e-5)
     assert 0.0 < float(tilted["direction"]) < float(crossed["direction"])
+
+
+def test_input_shortcut_starts_a_dt_to_dt_network_at_its_input():
+    """With ``input_shortcut`` the least-squares start of a DWI-tensor head is the identity (input and target
+    are the same log-Euclidean tensor), so the fresh network reproduces its input; without it, it cannot."""
+    from bssfp2dt.training.initialisation import initialise_structure_head
+
+    rng = np.random.default_rng(4)
+    values = torch.from_numpy(rng.normal(0.0, 0.3, (6, 16, 16, 16)).astype(np.float32))
+    volume = {"input": values, "target": values.clone(), "mask": torch.ones(1, 16, 16, 16),
+              "wm": torch.from_numpy(rng.uniform(0, 1, (1, 16, 16, 16)).astype(np.float32))}
+    errors = {}
+    for option in (True, False):
+        torch.manual_seed(0)
+        generator = build_generator("tiny", ["dwi-tensor"], norm="none", structure_scales=(1.0,), dropout=0.0,
+                                    input_shortcut=option)
+        generator.set_output_offset(values.mean(dim=(1, 2, 3)).numpy())
+        assert initialise_structure_head(generator, "dwi-tensor", [volume], seed=0)
+        with torch.no_grad():
+            output = generator.eval()(values[None], "dwi-tensor")[0]
+        errors[option] = float((output - values).abs().median() / values.abs().median())
+    assert errors[True] < 0.02
+    assert errors[False] > 0.5
+
+
+def test_the_autoencoder_stage_refuses_the_input_shortcut_recipe():
+    from bssfp2dt.errors import UsageError
+    from bssfp2dt.pipeline.training import starting_point
+    from bssfp2dt.training.recipes import get_recipe
+    from bssfp2dt.training.stages import get_stage
+
+    with pytest.raises(UsageError, match="log-euclidean for the staged chain"):
+        starting_point(get_stage("autoencoder"), "pc-bssfp", None, "tiny", get_recipe("log-euclidean-input-shortcut"))
+    assert starting_point(get_stage("direct"), "t1w", None, "tiny",
+                          get_recipe("log-euclidean-input-shortcut")).generator.size.input_shortcut

@@ -79,7 +79,8 @@ class CheckpointMetadata:
         size = GeneratorSize(name=spec["name"], features=tuple(spec["features"]), head_hidden=spec["head_hidden"],
                              dropout=spec["dropout"], norm=spec.get("norm", "batch"),
                              structure_scales=tuple(spec.get("structure_scales", ())),
-                             cycle_profile=bool(spec.get("cycle_profile", False)))
+                             cycle_profile=bool(spec.get("cycle_profile", False)),
+                             input_shortcut=bool(spec.get("input_shortcut", False)))
         contract = payload.get("contract")
         if contract is None:
             contract = io_contract(modality) if modality in MODALITY_CHANNELS else {}

@@ -40,7 +40,9 @@ class GeneratorSize:
     ``structure_scales``: Gaussian integration scales (voxels) of the structure-tensor features added to
     every head (empty: none; see :class:`StructureTensorFeatures`);
     ``cycle_profile``: the pc-bSSFP head also sees each voxel's phase-cycle profile free of its gain and common
-    phase (:class:`PhaseCycleProfile`).
+    phase (:class:`PhaseCycleProfile`);
+    ``input_shortcut``: each head's output shortcut also sees the head's own input channels (see
+    :class:`InputHead`).
     """
 
     name: str
@@ -50,6 +52,7 @@ class GeneratorSize:
     norm: str = "batch"
     structure_scales: tuple[float, ...] = ()
     cycle_profile: bool = False
+    input_shortcut: bool = False
 
 
 GENERATOR_SIZES: dict[str, GeneratorSize] = {
@@ -149,10 +152,14 @@ class InputHead(nn.Module):
     ``shortcut`` maps them straight to the 6 output channels (a 1x1x1 convolution, zero at the start): in log
     coordinates a fibre along the least-varying axis is close to a linear function of the normalised structure
     tensor, so the network starts from that linear guess and its UNet learns the rest (tract context, MD).
-    With ``cycle_profile`` (pc-bSSFP) the block and the shortcut also see :class:`PhaseCycleProfile`'s features."""
+    With ``cycle_profile`` (pc-bSSFP) the block and the shortcut also see :class:`PhaseCycleProfile`'s features.
+    With ``input_shortcut`` the shortcut also sees the input channels themselves: for the DWI tensor, whose
+    network input is already in the output's log-Euclidean coordinates, its least-squares start is the identity,
+    so a DT -> DT network starts at its input and its UNet learns only what the input lacks."""
 
     def __init__(self, in_channels: int, hidden: int, out_channels: int = HEAD_OUT_CHANNELS,
-                 normalise: bool = True, structure_scales: tuple[float, ...] = (), cycle_profile: bool = False):
+                 normalise: bool = True, structure_scales: tuple[float, ...] = (), cycle_profile: bool = False,
+                 input_shortcut: bool = False):
         super().__init__()
         self.structure = StructureTensorFeatures(in_channels, structure_scales) if structure_scales else None
         self.profile = PhaseCycleProfile(in_channels) if cycle_profile else None
@@ -169,17 +176,20 @@ class InputHead(nn.Module):
         )
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, 1)
         self.activation = nn.ReLU()
+        self.input_shortcut = input_shortcut
         self.shortcut = None
-        if auxiliary:
-            self.shortcut = nn.Conv3d(auxiliary, TENSOR_CHANNELS, 1)
+        if auxiliary or input_shortcut:
+            self.shortcut = nn.Conv3d(auxiliary + (in_channels if input_shortcut else 0), TENSOR_CHANNELS, 1)
             nn.init.zeros_(self.shortcut.weight)
             nn.init.zeros_(self.shortcut.bias)
         self.voxel_map = None
         if self.profile is not None:
             # The profile's shape -> tensor map of one voxel is not linear (the angle to B0 shows as a ratio of
-            # modes): a small per-voxel network on the standardised profile, zero at the start, fitted before
-            # training (``training.initialisation``), added to the shortcut.
-            features = self.profile.out_channels
+            # modes): a small per-voxel network on the standardised profile shape, zero at the start, fitted
+            # before training (``training.initialisation``), added to the shortcut. It does not see the level
+            # channel: that one follows each subject's gain, and a non-linear map of it extrapolates on a new
+            # subject (measured: one held-out subject went from 15 to 23 deg); the linear shortcut has it.
+            features = self.profile.out_channels - 1
             self.register_buffer("profile_mean", torch.zeros(features))
             self.register_buffer("profile_scale", torch.ones(features))
             self.voxel_map = nn.Sequential(nn.Conv3d(features, VOXEL_MAP_HIDDEN, 1), nn.ReLU(),
@@ -204,19 +214,27 @@ class InputHead(nn.Module):
         parts = [part(x) for part in (self.structure, self.profile) if part is not None]
         return torch.cat(parts, dim=1) if parts else None
 
+    def shortcut_inputs(self, x: torch.Tensor, auxiliary: torch.Tensor | None) -> torch.Tensor | None:
+        """What the output shortcut sees (B, S, ...): the input itself (with ``input_shortcut``), then the
+        auxiliary features; None when the head has no shortcut."""
+        parts = ([x] if self.input_shortcut else []) + ([auxiliary] if auxiliary is not None else [])
+        return torch.cat(parts, dim=1) if parts else None
+
     def standardised_profile(self, auxiliary: torch.Tensor) -> torch.Tensor:
-        """The profile part of ``auxiliary`` features (its last channels), standardised: the voxel map's input."""
-        profile = auxiliary[:, -self.profile.out_channels:]
+        """The profile's shape channels (the last channels of ``auxiliary`` but its level), standardised: the
+        voxel map's input."""
+        profile = auxiliary[:, -self.profile.out_channels:-1]
         shape = (1, -1) + (1,) * (profile.ndim - 2)
         return (profile - self.profile_mean.reshape(shape)) / self.profile_scale.reshape(shape)
 
     def features_and_shortcut(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(backbone input (B, 24, ...), output shortcut (B, 6, ...) or None)."""
         auxiliary = self.auxiliary_features(x)
-        if auxiliary is None:
-            return self.activation(self.body(x) + self.skip(x)), None
-        features = self.activation(self.body(torch.cat([x, auxiliary], dim=1)) + self.skip(x))
-        shortcut = self.shortcut(auxiliary)
+        body_input = x if auxiliary is None else torch.cat([x, auxiliary], dim=1)
+        features = self.activation(self.body(body_input) + self.skip(x))
+        if self.shortcut is None:
+            return features, None
+        shortcut = self.shortcut(self.shortcut_inputs(x, auxiliary))
         if self.voxel_map is not None:
             shortcut = shortcut + self.voxel_map(self.standardised_profile(auxiliary))
         return features, shortcut
@@ -339,7 +357,8 @@ class Generator(nn.Module):
             profile = self.size.cycle_profile and modalities.get(modality).phase_cycled
             self.heads[modality] = InputHead(in_channels, self.size.head_hidden, normalise=self.size.norm == "batch",
                                              structure_scales=self.size.structure_scales,
-                                             cycle_profile=profile).to(device)
+                                             cycle_profile=profile,
+                                             input_shortcut=self.size.input_shortcut).to(device)
         return self.heads[modality]
 
     def set_input_ranges(self, normalization) -> None:

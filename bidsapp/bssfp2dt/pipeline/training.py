@@ -175,6 +175,10 @@ def starting_point(stage, modality: str, init_checkpoint: Path | None, model_siz
     from bssfp2dt.preprocessing.normalization import Normalization
     from bssfp2dt.training.stages import initial_generator
 
+    if recipe is not None and recipe.input_shortcut and stage.name == "autoencoder":
+        raise UsageError(f"--recipe {recipe.name} starts a DT -> DT network as the identity, so the autoencoder "
+                         "stage's backbone would learn nothing for the head stage to decode; use --recipe "
+                         "log-euclidean for the staged chain")
     if init_checkpoint is None or not is_lightning_checkpoint(init_checkpoint):
         if init_checkpoint is not None and stage.init_from is None:
             raise UsageError(f"--train-stage {stage.name} starts from random weights; drop --init-checkpoint "
@@ -197,6 +201,8 @@ def generator_options(recipe) -> dict[str, Any]:
     options: dict[str, Any] = {"norm": recipe.norm, "structure_scales": tuple(recipe.structure_scales)}
     if recipe.cycle_profile:
         options["cycle_profile"] = True
+    if recipe.input_shortcut:
+        options["input_shortcut"] = True
     if recipe.dropout is not None:
         options["dropout"] = recipe.dropout
     return options

@@ -136,7 +136,8 @@ def initialise_structure_head(generator, modality: str, volumes: Sequence[dict[s
     if head.structure is not None:
         _fit_contrast(head.structure, volumes, chosen, rng, seed)
     with torch.no_grad():
-        features = [head.auxiliary_features(v["input"][None].float())[0] for v in volumes]
+        inputs = [v["input"][None].float() for v in volumes]
+        features = [head.shortcut_inputs(x, head.auxiliary_features(x))[0] for x in inputs]
     design = np.concatenate([flat(f, i) for f, i in zip(features, chosen)])
     target = np.concatenate([flat(v["target"], i) for v, i in zip(volumes, chosen)])
     weights = 1.0 + (white_matter_weight - 1.0) * np.clip(white, 0, 1)
@@ -160,7 +161,7 @@ def _fit_voxel_map(head, design: np.ndarray, residual: np.ndarray, weights: np.n
     """Fit the head's per-voxel profile map to what the linear shortcut leaves (``residual`` (N, 6)) on the
     profile part of ``design`` (N, F): standardisation from these voxels, then full-batch Adam on the weighted
     squared error (VOXEL_MAP_STEPS, cosine rate). Returns the map's fitted values (N, 6)."""
-    profile = design[:, -head.profile.out_channels:]
+    profile = design[:, -head.profile.out_channels:-1]  # the shape channels, as ``head.standardised_profile``
     mean, scale = profile.mean(axis=0), profile.std(axis=0) + 1e-6
     rng = np.random.default_rng(seed)
     picked = rng.choice(len(profile), size=min(len(profile), VOXEL_MAP_VOXELS), replace=False)

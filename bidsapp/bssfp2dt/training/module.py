@@ -94,6 +94,7 @@ class Bssfp2dtGAN(L.LightningModule):
             "generator_options": {"norm": generator.size.norm,
                                   "structure_scales": list(generator.size.structure_scales),
                                   "cycle_profile": generator.size.cycle_profile,
+                                  "input_shortcut": generator.size.input_shortcut,
                                   "dropout": generator.size.dropout},
         })
 

@@ -23,6 +23,12 @@ that turn). For inputs that can tell a fibre's angle to B0 but not its azimuth (
 give the direction, ``benchmarks/bench_modalities.py``): with the azimuth in the loss, the best a network can
 do is the mean over azimuths, a tensor symmetric about B0 whose principal axis is B0 itself or lies across it,
 so its angle to B0 is lost.
+
+``log-euclidean-input-shortcut``: the default, but each head's linear output shortcut also sees the head's own
+input channels. For the DWI tensor (input and output both log-Euclidean) its least-squares start is the
+identity, so a DT -> DT reference network starts at its input's accuracy and its UNet only learns what the
+input lacks (``benchmarks/bench_modalities.py``). Not for the staged chain's autoencoder stage: a backbone
+behind an identity has nothing to learn, and the head stage needs a backbone that decodes.
 """
 from __future__ import annotations
 
@@ -45,7 +51,8 @@ class Recipe:
     norm (0: none); ``patch_size``: default training patch edge (voxels); ``learning_rate``: default rate of
     the ``direct`` stage; ``azimuth_free``: the loss and the validation compare with the target turned about
     the voxel z axis to azimuth 0 (``training.losses.canonical_azimuth``); ``cycle_profile``: the
-    pc-bSSFP head also sees the per-voxel phase-cycle profile (``models.generator.PhaseCycleProfile``).
+    pc-bSSFP head also sees the per-voxel phase-cycle profile (``models.generator.PhaseCycleProfile``);
+    ``input_shortcut``: each head's output shortcut also sees the head's input channels.
     """
 
     name: str
@@ -63,6 +70,7 @@ class Recipe:
     learning_rate: float | None
     azimuth_free: bool = False
     cycle_profile: bool = False
+    input_shortcut: bool = False
 
     @property
     def adversarial(self) -> bool:
@@ -82,6 +90,8 @@ RECIPES: dict[str, Recipe] = {
 RECIPES["log-euclidean-azimuth-free"] = dataclasses.replace(
     RECIPES["log-euclidean"], name="log-euclidean-azimuth-free", augmentation="phase-cycles", azimuth_free=True,
     cycle_profile=True)
+RECIPES["log-euclidean-input-shortcut"] = dataclasses.replace(
+    RECIPES["log-euclidean"], name="log-euclidean-input-shortcut", input_shortcut=True)
 DEFAULT_RECIPE = "log-euclidean"
 
 
