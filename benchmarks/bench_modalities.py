@@ -293,6 +293,28 @@ def run_setting(name: str, args) -> dict:
             "minutes": {"train_and_evaluate": (time.perf_counter() - started) / 60.0}}
 
 
+def keep_earlier(result: dict, folder: Path) -> None:
+    """Add to ``result`` the modalities that an earlier run of the same setting in ``folder`` trained and this
+    one did not (after a change to one model, the others need not train again). SystemExit when the earlier
+    run's data or training settings differ."""
+    path = folder / f"modalities_{result['setting']}.json"
+    if not path.is_file():
+        raise SystemExit(f"--keep-from: {path} does not exist; give the results folder of an earlier run")
+    earlier = json.loads(path.read_text())
+    same = ("model_size", "patch_size", "batch_size", "learning_rate", "minutes", "max_steps", "seed")
+    if earlier["simulation"] != result["simulation"] or any(
+            earlier["training"].get(key) != result["training"].get(key) for key in same):
+        raise SystemExit(f"--keep-from: {path} was run on other data or with other training settings; "
+                         "rerun every modality instead")
+    kept = [m for m in earlier["results"] if m not in result["results"]]
+    for key in ("results", "steps", "train_minutes"):
+        result[key] = {**result[key], **{m: earlier[key][m] for m in kept}}
+        result[key] = {m: result[key][m] for m in modality_names() if m in result[key]}
+    result["training"]["recipes"] = {**result["training"]["recipes"],
+                                     **{m: earlier["training"]["recipes"][m] for m in kept}}
+    result.setdefault("kept_from_earlier_run", {}).update({m: str(path) for m in kept})
+
+
 # --------------------------------------------------------------------------- outputs
 def cell(metric: str, value: float | None) -> str:
     """A table cell: relative errors in %, angles in degrees; '-' where the column has no such metric."""
@@ -322,7 +344,8 @@ def markdown_table(result: dict) -> str:
              "angles in degrees. B0 (from the recorded bSSFP and T1w poses) is "
              + ", ".join(f"{v:.1f}" for v in result["b0_angle_to_grid_z_deg"].values())
              + " deg from the grid's z in the held-out subjects. Voxels per held-out subject: "
-             + ", ".join(f"{tissue} {count:.0f}" for tissue, count in voxels.items()) + ".", "",
+             + ", ".join(f"{tissue} {count:.0f}" for tissue, count in voxels.items()) + "."
+             + kept_note(result), "",
              "| metric | tissue | " + " | ".join(name for name, _ in columns) + " |",
              "|" + "---|" * (len(columns) + 2)]
     for metric in METRICS:
@@ -331,6 +354,15 @@ def markdown_table(result: dict) -> str:
             lines.append(f"| {METRIC_LABELS[metric]} | {tissue} | "
                          + " | ".join(cell(metric, value) for value in values) + " |")
     return "\n".join(lines) + "\n"
+
+
+def kept_note(result: dict) -> str:
+    """' Trained in an earlier run of the same data and settings: ...' when ``--keep-from`` added modalities."""
+    kept = result.get("kept_from_earlier_run") or {}
+    if not kept:
+        return ""
+    return (" Trained in an earlier run of the same data and settings (`--keep-from`): "
+            + ", ".join(modality_label(m) for m in kept) + ".")
 
 
 def write_figure(result: dict, path: Path) -> None:
@@ -402,6 +434,9 @@ def main(argv=None) -> int:
     parser.add_argument("--prepare-jobs", type=int, default=1, help="preprocessing runs at a time")
     parser.add_argument("--tissue-threshold", type=float, default=0.8,
                         help="true tissue probability above which a voxel counts (evaluation.truth's WM threshold)")
+    parser.add_argument("--keep-from", type=Path, default=None, metavar="DIR",
+                        help="an earlier run's results folder: modalities not trained now keep their results from it "
+                             "(the same data and training settings are checked; the table says which came from it)")
     parser.add_argument("--tiny", action="store_true",
                         help="tiny phantoms (2 + 1 subjects), tiny model, a few steps, one model at a time (a test)")
     args = parser.parse_args(argv)
@@ -418,6 +453,8 @@ def main(argv=None) -> int:
     for name in args.settings:
         result = run_setting(name, args)
         result["minutes"]["prepare_all_settings"] = prepared
+        if args.keep_from is not None:
+            keep_earlier(result, args.keep_from)
         paths = write_outputs(result, args.out)
         print(f"{name}: trained and evaluated in {result['minutes']['train_and_evaluate']:.1f} min; wrote "
               + ", ".join(str(p) for p in paths), flush=True)

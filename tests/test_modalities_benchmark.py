@@ -72,3 +72,25 @@ def test_orientation_probe_finds_the_angle_to_b0_in_simulated_voxels(tmp_path):
     assert best < easy["constant (training median)"] - 8.0
     assert 15.0 < easy["random axes"] < 35.0
     assert "| simulator voxels | easy, noiseless | cycle invariants |" in out.with_suffix(".md").read_text()
+
+
+def test_keep_from_adds_the_modalities_an_earlier_run_of_the_same_data_trained(tmp_path):
+    import bench_modalities as bench
+
+    def run(modalities, minutes=15.0):
+        return {"setting": "realistic", "simulation": {"regime": "realistic", "train_seed": 1},
+                "training": {"minutes": minutes, "seed": 1, "recipes": {m: "log-euclidean" for m in modalities}},
+                "results": {m: {"md": {"WM": 0.01 * k}} for k, m in enumerate(modalities)},
+                "steps": {m: 10 for m in modalities}, "train_minutes": {m: 15.0 for m in modalities}}
+
+    (tmp_path / "modalities_realistic.json").write_text(json.dumps(run(["pc-bssfp", "t1w", "dwi-tensor"])))
+    result = run(["dwi-tensor"])
+    result["results"]["dwi-tensor"]["md"]["WM"] = 0.5
+    bench.keep_earlier(result, tmp_path)
+    assert list(result["results"]) == ["dwi-tensor", "pc-bssfp", "t1w"]  # the table's order
+    assert result["results"]["dwi-tensor"]["md"]["WM"] == 0.5  # what was trained now wins
+    assert result["results"]["t1w"]["md"]["WM"] == 0.01
+    assert set(result["kept_from_earlier_run"]) == {"pc-bssfp", "t1w"}
+    assert "(`--keep-from`): pc-bSSFP, T1w." in bench.kept_note(result)
+    with pytest.raises(SystemExit, match="other training settings"):
+        bench.keep_earlier(run(["dwi-tensor"], minutes=25.0), tmp_path)
