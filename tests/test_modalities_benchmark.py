@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,6 +71,7 @@ def test_orientation_probe_finds_the_angle_to_b0_in_simulated_voxels(tmp_path):
     easy = json.loads(out.read_text())["simulator"]["easy"]["noiseless"]["cycle invariants"]
     best = min(easy["ridge (quadratic)"], easy["gradient boosting"])
     assert best < easy["constant (training median)"] - 8.0
+    assert easy["gradient boosting (axis dyadic)"] < easy["constant (training median)"] - 8.0
     assert 15.0 < easy["random axes"] < 35.0
     assert "| simulator voxels | easy, noiseless | cycle invariants |" in out.with_suffix(".md").read_text()
 
@@ -94,3 +96,13 @@ def test_keep_from_adds_the_modalities_an_earlier_run_of_the_same_data_trained(t
     assert "(`--keep-from`): pc-bSSFP, T1w." in bench.kept_note(result)
     with pytest.raises(SystemExit, match="other training settings"):
         bench.keep_earlier(run(["dwi-tensor"], minutes=25.0), tmp_path)
+
+
+def test_the_axis_dyadic_gives_back_the_angle_to_b0():
+    from bench_orientation_probe import axis_dyadic, dyadic_inclination, inclination_deg
+
+    cos2 = np.linspace(0.0, 1.0, 11)
+    np.testing.assert_allclose(dyadic_inclination(axis_dyadic(cos2)), inclination_deg(cos2), atol=1e-6)
+    # the mean dyadic of two axes 20 deg apart points between them
+    pair = axis_dyadic(np.cos(np.radians([30.0, 50.0])) ** 2).mean(axis=0, keepdims=True)
+    np.testing.assert_allclose(dyadic_inclination(pair), [40.0], atol=1e-6)
