@@ -188,7 +188,7 @@ class InputHead(nn.Module):
             # modes): a small per-voxel network on the standardised profile shape, zero at the start, fitted
             # before training (``training.initialisation``), added to the shortcut. It does not see the level
             # channel: that one follows each subject's gain, and a non-linear map of it extrapolates on a new
-            # subject (measured: one held-out subject went from 15 to 23 deg); the linear shortcut has it.
+            # subject (docs/modalities.md); the linear shortcut has it.
             features = self.profile.out_channels - 1
             self.register_buffer("profile_mean", torch.zeros(features))
             self.register_buffer("profile_scale", torch.ones(features))
