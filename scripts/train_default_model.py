@@ -40,6 +40,14 @@ REPO = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO / "bidsapp" / "bssfp2dt" / "data" / "models"
 REGISTRY = MODELS_DIR / "models.toml"
 MODALITIES = ("pc-bssfp", "t1w")
+#: Each packaged model's recipe (``--recipe`` overrides both): the pc-bSSFP head learns tissue from the
+#: phase-cycle profile (``training.recipes``).
+MODALITY_RECIPES = {"pc-bssfp": "log-euclidean-profile", "t1w": "log-euclidean"}
+
+
+def recipe_of(args, modality: str) -> str:
+    """The training recipe of ``modality``'s packaged model."""
+    return args.recipe or MODALITY_RECIPES[modality]
 CHAINS = {"staged": ("autoencoder", "head", "finetune"), "direct": ("direct",)}
 FINETUNE_RATE_FACTOR = 0.1  # finetune runs at a tenth of the other stages' rate (the reference method's ratio)
 TISSUES = ("CSF", "GM", "WM")
@@ -109,11 +117,11 @@ def train_stage(args, bids_dir: Path, stage: str, modality: str, init: Path | No
     if args.learning_rate:
         rate = args.learning_rate * (FINETUNE_RATE_FACTOR if stage == "finetune" else 1.0)
         extra += ["--learning-rate", f"{rate:g}"]
-    threads = max(1, args.nprocs // len(MODALITIES)) if args.parallel else args.nprocs
+    threads = max(1, args.nprocs // len(args.modalities)) if args.parallel else args.nprocs
     if args.patch_size:
         extra += ["--patch-size", args.patch_size]
     bssfp2dt(bids_dir, output_dir, "participant", "--train-stage", stage, "--input-modality", modality,
-             "--model-size", args.model_size, "--recipe", args.recipe, "--batch-size", args.batch_size,
+             "--model-size", args.model_size, "--recipe", recipe_of(args, modality), "--batch-size", args.batch_size,
              "--max-epochs", args.max_epochs,
              "--seed", args.seed, "--early-stopping-patience", args.patience, "--split-fractions", args.split_fractions,
              "--lr-schedule", args.lr_schedule,
@@ -143,7 +151,7 @@ def package(checkpoint: Path, modality: str, args, train_seed: int, test_seed: i
                          "data": "simulated (bssfp2dt.simulation)", "train_subjects": args.train_subjects,
                          "train_seed": train_seed, "held_out_subjects": args.test_subjects,
                          "held_out_seed": test_seed, "max_epochs": args.max_epochs,
-                         "patch_size": metadata.patch_size, "recipe": args.recipe,
+                         "patch_size": metadata.patch_size, "recipe": recipe_of(args, modality),
                          "batch_size": args.batch_size,
                          "learning_rate": args.learning_rate or "stage default", "lr_schedule": args.lr_schedule,
                          "patience": args.patience,
@@ -368,27 +376,29 @@ def train_modalities(args, bids_dir: Path, chain: tuple[str, ...], shared: Path 
 
     first_done = threading.Event()
 
+    first = args.modalities[0]
+
     def one(modality: str) -> Path:
         checkpoint = shared
         stages = chain[1:] if shared else chain
-        if args.parallel and modality != MODALITIES[0]:
-            wait_for_preprocessing(args.work / "training" / f"{stages[0]}-{MODALITIES[0]}", first_done)
+        if args.parallel and modality != first:
+            wait_for_preprocessing(args.work / "training" / f"{stages[0]}-{first}", first_done)
         try:
             for stage in stages:
                 checkpoint = train_stage(args, bids_dir, stage, modality, checkpoint)
         finally:
-            if modality == MODALITIES[0]:
+            if modality == first:
                 first_done.set()
         return checkpoint
 
-    with ThreadPoolExecutor(max_workers=len(MODALITIES) if args.parallel else 1) as pool:
-        return dict(zip(MODALITIES, pool.map(one, MODALITIES)))
+    with ThreadPoolExecutor(max_workers=len(args.modalities) if args.parallel else 1) as pool:
+        return dict(zip(args.modalities, pool.map(one, args.modalities)))
 
 
 # --------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     from bssfp2dt.cli.parser import LR_SCHEDULES
-    from bssfp2dt.training.recipes import DEFAULT_RECIPE, RECIPES
+    from bssfp2dt.training.recipes import RECIPES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=REPO / "build" / "default-model",
@@ -400,7 +410,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-epochs", type=int, default=DEFAULT_EPOCHS)
     parser.add_argument("--patch-size", type=int, default=None, help="training patch edge (default: the recipe's)")
     parser.add_argument("--batch-size", type=int, default=2, help="patches per training batch")
-    parser.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULT_RECIPE, help="training recipe (bssfp2dt --recipe)")
+    parser.add_argument("--modalities", nargs="+", choices=MODALITIES, default=list(MODALITIES),
+                        help="the models to retrain; the others keep their packaged weights and are evaluated again "
+                             "beside them (default: both)")
+    parser.add_argument("--recipe", choices=tuple(RECIPES), default=None,
+                        help="training recipe of both models (bssfp2dt --recipe; default: "
+                             + ", ".join(f"{m} {r}" for m, r in MODALITY_RECIPES.items()) + ")")
     parser.add_argument("--chain", choices=tuple(CHAINS), default="direct",
                         help="staged: autoencoder (shared) -> head -> finetune, the reference method; direct: one "
                              "stage from random weights (fewer steps for the same accuracy on a CPU budget)")
@@ -484,22 +499,21 @@ def main(argv=None) -> int:
     train_bids = simulate(args.work / "train-bids", args.train_subjects, train_seed, args.quick, args.voxel_scale)
     test_bids = simulate(args.work / "heldout-bids", args.test_subjects, test_seed, args.quick, args.voxel_scale)
 
-    if args.evaluate_only:
-        import tomllib
+    import tomllib
 
-        entries = tomllib.loads(REGISTRY.read_text())["models"]
-    else:
+    entries = tomllib.loads(REGISTRY.read_text())["models"] if REGISTRY.is_file() else {}
+    if not args.evaluate_only:
         chain = CHAINS[args.chain]
-        shared = (train_stage(args, train_bids, "autoencoder", MODALITIES[0], None) if chain[0] == "autoencoder"
-                  else None)
+        shared = (train_stage(args, train_bids, "autoencoder", args.modalities[0], None)
+                  if chain[0] == "autoencoder" else None)
         checkpoints = train_modalities(args, train_bids, chain, shared)
         # Registered before the evaluation: a packaged file is only loaded when its sha256 is in models.toml.
-        entries = {modality: package(checkpoints[modality], modality, args, train_seed, test_seed)
-                   for modality in MODALITIES}
+        entries = {modality: (package(checkpoints[modality], modality, args, train_seed, test_seed)
+                              if modality in args.modalities else entries[modality]) for modality in MODALITIES}
         write_registry(entries)
     evaluate(args, entries, test_bids, test_seed)
     if not args.evaluate_only:
-        for entry in entries.values():
+        for entry in (entries[modality] for modality in args.modalities):
             entry["training"]["voxel_scale"] = args.voxel_scale
             entry["training"]["preprocessing"] = " ".join(preprocessing_flags(args)) or "all steps"
             entry["training"]["minutes"] = round((time.perf_counter() - STARTED) / 60, 1)

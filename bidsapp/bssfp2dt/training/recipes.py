@@ -24,6 +24,12 @@ give the direction, ``benchmarks/bench_modalities.py``): with the azimuth in the
 do is the mean over azimuths, a tensor symmetric about B0 whose principal axis is B0 itself or lies across it,
 so its angle to B0 is lost.
 
+``log-euclidean-profile``: the default plus what the pc-bSSFP head learns tissue from: the phase-cycle profile
+features and their per-voxel map (``cycle_profile``; relaxation shapes the profile, so WM and GM differ in it
+where their intensities hardly do) and the random cycle turns. Other modalities train as with the default. In
+the realistic simulated regime at 15 minutes per model it halved the pc-bSSFP model's white-matter MD error
+(2.3 % against 4.3 % with the default, same data and steps; ``docs/model-card.md``).
+
 ``log-euclidean-input-shortcut``: the default, but each head's linear output shortcut also sees the head's own
 input channels. For the DWI tensor (input and output both log-Euclidean) its least-squares start is the
 identity, so a DT -> DT reference network starts at its input's accuracy and its UNet only learns what the
@@ -90,6 +96,8 @@ RECIPES: dict[str, Recipe] = {
 RECIPES["log-euclidean-azimuth-free"] = dataclasses.replace(
     RECIPES["log-euclidean"], name="log-euclidean-azimuth-free", augmentation="phase-cycles", azimuth_free=True,
     cycle_profile=True)
+RECIPES["log-euclidean-profile"] = dataclasses.replace(
+    RECIPES["log-euclidean"], name="log-euclidean-profile", augmentation="phase-cycles", cycle_profile=True)
 RECIPES["log-euclidean-input-shortcut"] = dataclasses.replace(
     RECIPES["log-euclidean"], name="log-euclidean-input-shortcut", input_shortcut=True)
 DEFAULT_RECIPE = "log-euclidean"
