@@ -3,6 +3,7 @@ that stands for a global off-resonance offset (checked against the simulator's s
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torchio as tio
 
@@ -74,6 +75,15 @@ def test_the_azimuth_free_recipe_is_the_default_recipe_but_for_the_azimuth_and_t
     differences = ("name", "azimuth_free", "augmentation", "cycle_profile")
     assert {k: v for k, v in vars(free).items() if k not in differences} == \
         {k: v for k, v in vars(default).items() if k not in differences}
+
+
+@pytest.mark.parametrize("name, changed", [
+    ("log-euclidean-profile", {"augmentation": "phase-cycles", "cycle_profile": True}),
+    ("log-euclidean-input-shortcut", {"input_shortcut": True}),
+])
+def test_the_other_default_variants_change_only_what_they_say(name, changed):
+    default, variant = vars(RECIPES["log-euclidean"]), vars(RECIPES[name])
+    assert {k: v for k, v in variant.items() if v != default[k]} == {"name": name, **changed}
 
 
 def preprocessed_cycles(df_hz: np.ndarray, tr: float = 4.8e-3, te: float = 2.4e-3, n: int = 12) -> np.ndarray:
