@@ -286,7 +286,8 @@ def build_parser(describe: Callable[[], str] | None = None) -> BidsAppArgumentPa
                                "the fibre's azimuth about B0 in the loss, with phase-cycle profile features: for "
                                "bSSFP where anatomy does not give the direction, docs/modalities.md), "
                                "log-euclidean-profile (the default plus phase-cycle profile features for pc-bSSFP: "
-                               "the packaged pc-bSSFP model's recipe), log-euclidean-input-shortcut (the output shortcut also sees the input: a DT -> DT "
+                               "the packaged pc-bSSFP model's recipe), "
+                               "log-euclidean-input-shortcut (the output shortcut also sees the input: a DT -> DT "
                                "network starts as the identity; not for the autoencoder stage) or reference "
                                "(the published method: min/max targets, L1 + SSIM + GAN, batch norm) "
                                "(default: %(default)s)")
