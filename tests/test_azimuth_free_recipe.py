@@ -212,3 +212,25 @@ def test_voxel_map_start_fits_a_non_linear_profile_map_and_the_head_reproduces_i
         auxiliary = torch.from_numpy(design.T[None, :, :, None, None].astype(np.float32))
         through_head = head.voxel_map(head.standardised_profile(auxiliary))[0, :, :, 0, 0].T.numpy()
     np.testing.assert_allclose(through_head, fitted, atol=1e-4)
+
+
+def test_fitted_profile_features_are_clipped_to_their_training_range_and_old_maps_are_not():
+    from bssfp2dt.models.generator import PROFILE_BOUND, InputHead
+
+    head = InputHead(24, 4, normalise=False, cycle_profile=True)
+    count = head.profile.out_channels
+    profile = torch.zeros(1, count, 2, 1, 1)
+    profile[0, 0, 0] = 1e6  # a shape channel far outside the fitted range (a dark band, the brain's edge)
+    profile[0, -1, 0] = 50.0  # the level channel is never clipped
+    assert torch.equal(head.bounded_profile(profile), profile)  # nothing fitted yet: untouched
+    with torch.no_grad():
+        head.profile_mean.fill_(1.0)
+        head.profile_scale.fill_(2.0)
+        head.profile_bounded.fill_(True)
+    bounded = head.bounded_profile(profile)
+    assert bounded[0, 0, 0].item() == pytest.approx(1.0 + 2.0 * PROFILE_BOUND)
+    assert bounded[0, -1, 0].item() == 50.0 and torch.equal(bounded[:, :, 1], profile[:, :, 1])
+    state = {k: v for k, v in head.state_dict().items() if k != "profile_bounded"}  # a map saved before the bound
+    fresh = InputHead(24, 4, normalise=False, cycle_profile=True)
+    fresh.load_state_dict(state)
+    assert not bool(fresh.profile_bounded)

@@ -68,6 +68,7 @@ STRUCTURE_MAPS = 2  # learned contrast maps whose structure tensors feed each he
 COMPONENT_PAIRS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))  # (row, column) of the BEP016 components
 CONTRAST_HIDDEN = 16  # hidden channels of the contrast maps' 3x3x3 layer
 VOXEL_MAP_HIDDEN = 64  # hidden channels of the per-voxel profile map
+PROFILE_BOUND = 6.0  # standard deviations: the profile's shape channels are clipped there once fitted
 
 
 def resolve_size(size: str | GeneratorSize) -> GeneratorSize:
@@ -192,6 +193,10 @@ class InputHead(nn.Module):
             features = self.profile.out_channels - 1
             self.register_buffer("profile_mean", torch.zeros(features))
             self.register_buffer("profile_scale", torch.ones(features))
+            # Set once the standardisation is fitted: from then on every path (body, shortcut, map) sees the
+            # shape channels clipped to PROFILE_BOUND standard deviations, the range the map was fitted on; a
+            # voxel far outside it (a dark band, the brain's edge) otherwise got an absurd tensor (MD 2e9 mm^2/s).
+            self.register_buffer("profile_bounded", torch.zeros((), dtype=torch.bool))
             self.voxel_map = nn.Sequential(nn.Conv3d(features, VOXEL_MAP_HIDDEN, 1), nn.ReLU(),
                                            nn.Conv3d(VOXEL_MAP_HIDDEN, VOXEL_MAP_HIDDEN, 1), nn.ReLU(),
                                            nn.Conv3d(VOXEL_MAP_HIDDEN, TENSOR_CHANNELS, 1))
@@ -204,6 +209,8 @@ class InputHead(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints written before the calibration existed have no gain: theirs is 1.
         state_dict.setdefault(prefix + "anisotropy_gain", torch.ones(()))
+        if self.voxel_map is not None:  # nor had earlier profile maps a bound
+            state_dict.setdefault(prefix + "profile_bounded", torch.zeros((), dtype=torch.bool))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -211,8 +218,20 @@ class InputHead(nn.Module):
 
     def auxiliary_features(self, x: torch.Tensor) -> torch.Tensor | None:
         """Structure-tensor and phase-cycle profile features (B, F, ...) of the input, None without either."""
-        parts = [part(x) for part in (self.structure, self.profile) if part is not None]
+        parts = [] if self.structure is None else [self.structure(x)]
+        if self.profile is not None:
+            parts.append(self.bounded_profile(self.profile(x)))
         return torch.cat(parts, dim=1) if parts else None
+
+    def bounded_profile(self, profile: torch.Tensor) -> torch.Tensor:
+        """``profile`` features (B, P, ...) with the shape channels (all but the level) clipped to PROFILE_BOUND
+        standard deviations of their training distribution once that is fitted (``profile_bounded``)."""
+        if self.voxel_map is None or not bool(self.profile_bounded):
+            return profile
+        shape = (1, -1) + (1,) * (profile.ndim - 2)
+        mean, scale = self.profile_mean.reshape(shape), self.profile_scale.reshape(shape)
+        clipped = mean + scale * ((profile[:, :-1] - mean) / scale).clamp(-PROFILE_BOUND, PROFILE_BOUND)
+        return torch.cat([clipped.to(profile.dtype), profile[:, -1:]], dim=1)
 
     def shortcut_inputs(self, x: torch.Tensor, auxiliary: torch.Tensor | None) -> torch.Tensor | None:
         """What the output shortcut sees (B, S, ...): the input itself (with ``input_shortcut``), then the

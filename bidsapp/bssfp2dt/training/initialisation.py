@@ -183,6 +183,7 @@ def _fit_voxel_map(head, design: np.ndarray, residual: np.ndarray, weights: np.n
     with torch.no_grad():
         head.profile_mean.copy_(torch.from_numpy(mean.astype(np.float32)))
         head.profile_scale.copy_(torch.from_numpy(scale.astype(np.float32)))
+        head.profile_bounded.fill_(True)
         fitted = forward(torch.from_numpy(((profile - mean) / scale).astype(np.float32))).numpy().astype(np.float64)
     before = float(np.average((residual ** 2).sum(axis=1), weights=weights))
     after = float(np.average(((residual - fitted) ** 2).sum(axis=1), weights=weights))
