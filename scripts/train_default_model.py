@@ -40,10 +40,9 @@ REPO = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO / "bidsapp" / "bssfp2dt" / "data" / "models"
 REGISTRY = MODELS_DIR / "models.toml"
 MODALITIES = ("pc-bssfp", "t1w")
-#: Each packaged model's recipe (``--recipe`` overrides both). ``log-euclidean-profile`` lowers the pc-bSSFP
-#: model's white-matter MD error but, retrained, gave absurd tensors in a few voxels per held-out subject
-#: (docs/model-card.md), so the packaged pc-bSSFP model keeps the default until its features are bounded.
-MODALITY_RECIPES = {"pc-bssfp": "log-euclidean", "t1w": "log-euclidean"}
+#: Each packaged model's recipe (``--recipe`` overrides both): the pc-bSSFP head learns tissue from the
+#: phase-cycle profile, which lowers its white-matter MD error (docs/model-card.md).
+MODALITY_RECIPES = {"pc-bssfp": "log-euclidean-profile", "t1w": "log-euclidean"}
 
 
 def recipe_of(args, modality: str) -> str:

@@ -28,8 +28,8 @@ so its angle to B0 is lost.
 features and their per-voxel map (``cycle_profile``; relaxation shapes the profile, so WM and GM differ in it
 where their intensities hardly do) and the random cycle turns. Other modalities train as with the default. In
 the realistic simulated regime at 15 minutes per model it halved the pc-bSSFP model's white-matter MD error
-(2.3 % against 4.3 % with the default, same data and steps). Retrained as the packaged model it gave absurd
-tensors in a few voxels per held-out subject (``docs/model-card.md``), so the package keeps the default.
+(2.3 % against 4.3 % with the default, same data and steps). The packaged pc-bSSFP model's recipe
+(``docs/model-card.md``).
 
 ``log-euclidean-input-shortcut``: the default, but each head's linear output shortcut also sees the head's own
 input channels. For the DWI tensor (input and output both log-Euclidean) its least-squares start is the
