@@ -8,6 +8,11 @@ from helpers import FAST, make_config, tiny_config
 from bssfp2dt.io import bids as bids_io
 from bssfp2dt.preprocessing.workflow import run_preprocessing
 from bssfp2dt.simulation.dataset import simulate_dataset
+from bssfp2dt.preprocessing.ants_registration import single_thread
+
+# One ITK thread in every test process, before any test touches ITK: ITK reads the count once per process, and
+# with more threads a seeded registration differs from run to run (preprocessing.ants_registration).
+single_thread()
 
 
 @pytest.fixture(autouse=True)

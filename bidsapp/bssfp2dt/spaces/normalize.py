@@ -81,8 +81,13 @@ def register_to_template(t1w: np.ndarray, t1w_affine: np.ndarray, template: np.n
     """ANTs registration of a brain-masked T1w (moving) to a template brain (fixed).
 
     Returns the 4x4 RAS "template world -> T1w world" matrix (mm). Initialised by aligning the centres
-    of mass (ANTs' default), mutual information, one thread-independent seed.
+    of mass (ANTs' default), mutual information, one thread-independent seed, one ITK thread (as the
+    preprocessing's registrations: with more, the metric's partial sums combine in a varying order and two
+    runs differ; ``preprocessing.ants_registration``).
     """
+    from bssfp2dt.preprocessing.ants_registration import single_thread
+
+    single_thread()  # before ants is imported: ITK reads the thread count once per process
     import ants
     import nibabel as nib
 
