@@ -43,11 +43,6 @@ MODALITIES = ("pc-bssfp", "t1w")
 #: Each packaged model's recipe (``--recipe`` overrides both): the pc-bSSFP head learns tissue from the
 #: phase-cycle profile, which lowers its white-matter MD error (docs/model-card.md).
 MODALITY_RECIPES = {"pc-bssfp": "log-euclidean-profile", "t1w": "log-euclidean"}
-
-
-def recipe_of(args, modality: str) -> str:
-    """The training recipe of ``modality``'s packaged model."""
-    return args.recipe or MODALITY_RECIPES[modality]
 CHAINS = {"staged": ("autoencoder", "head", "finetune"), "direct": ("direct",)}
 FINETUNE_RATE_FACTOR = 0.1  # finetune runs at a tenth of the other stages' rate (the reference method's ratio)
 TISSUES = ("CSF", "GM", "WM")
@@ -105,6 +100,11 @@ def release_checkpoint(output_dir: Path) -> Path:
     if len(found) != 1:
         raise SystemExit(f"expected one model.pt under {output_dir}, found {len(found)}: {found}")
     return found[0]
+
+
+def recipe_of(args, modality: str) -> str:
+    """The training recipe of ``modality``'s packaged model."""
+    return args.recipe or MODALITY_RECIPES[modality]
 
 
 def train_stage(args, bids_dir: Path, stage: str, modality: str, init: Path | None) -> Path:

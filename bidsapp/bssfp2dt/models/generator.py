@@ -226,12 +226,21 @@ class InputHead(nn.Module):
     def bounded_profile(self, profile: torch.Tensor) -> torch.Tensor:
         """``profile`` features (B, P, ...) with the shape channels (all but the level) clipped to PROFILE_BOUND
         standard deviations of their training distribution once that is fitted (``profile_bounded``)."""
-        if self.voxel_map is None or not bool(self.profile_bounded):
+        if not bool(self.profile_bounded):
             return profile
-        shape = (1, -1) + (1,) * (profile.ndim - 2)
-        mean, scale = self.profile_mean.reshape(shape), self.profile_scale.reshape(shape)
+        mean, scale = self._profile_statistics(profile.ndim)
         clipped = mean + scale * ((profile[:, :-1] - mean) / scale).clamp(-PROFILE_BOUND, PROFILE_BOUND)
         return torch.cat([clipped.to(profile.dtype), profile[:, -1:]], dim=1)
+
+    def profile_shape(self, features):
+        """The profile's shape channels (all its channels but the level) of auxiliary features whose last
+        channels are the profile: tensors (B, F, ...) or voxel rows (N, F)."""
+        return features[:, -self.profile.out_channels:-1]
+
+    def _profile_statistics(self, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shape channels' training mean and standard deviation, shaped (1, P - 1, 1, ...) for ``ndim`` dims."""
+        shape = (1, -1) + (1,) * (ndim - 2)
+        return self.profile_mean.reshape(shape), self.profile_scale.reshape(shape)
 
     def shortcut_inputs(self, x: torch.Tensor, auxiliary: torch.Tensor | None) -> torch.Tensor | None:
         """What the output shortcut sees (B, S, ...): the input itself (with ``input_shortcut``), then the
@@ -242,9 +251,8 @@ class InputHead(nn.Module):
     def standardised_profile(self, auxiliary: torch.Tensor) -> torch.Tensor:
         """The profile's shape channels (the last channels of ``auxiliary`` but its level), standardised: the
         voxel map's input."""
-        profile = auxiliary[:, -self.profile.out_channels:-1]
-        shape = (1, -1) + (1,) * (profile.ndim - 2)
-        return (profile - self.profile_mean.reshape(shape)) / self.profile_scale.reshape(shape)
+        mean, scale = self._profile_statistics(auxiliary.ndim)
+        return (self.profile_shape(auxiliary) - mean) / scale
 
     def features_and_shortcut(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(backbone input (B, 24, ...), output shortcut (B, 6, ...) or None)."""

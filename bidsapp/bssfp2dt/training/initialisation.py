@@ -161,7 +161,7 @@ def _fit_voxel_map(head, design: np.ndarray, residual: np.ndarray, weights: np.n
     """Fit the head's per-voxel profile map to what the linear shortcut leaves (``residual`` (N, 6)) on the
     profile part of ``design`` (N, F): standardisation from these voxels, then full-batch Adam on the weighted
     squared error (VOXEL_MAP_STEPS, cosine rate). Returns the map's fitted values (N, 6)."""
-    profile = design[:, -head.profile.out_channels:-1]  # the shape channels, as ``head.standardised_profile``
+    profile = head.profile_shape(design)
     mean, scale = profile.mean(axis=0), profile.std(axis=0) + 1e-6
     rng = np.random.default_rng(seed)
     picked = rng.choice(len(profile), size=min(len(profile), VOXEL_MAP_VOXELS), replace=False)
