@@ -502,6 +502,10 @@ def main(argv=None) -> int:
     import tomllib
 
     entries = tomllib.loads(REGISTRY.read_text())["models"] if REGISTRY.is_file() else {}
+    missing = [modality for modality in MODALITIES if modality not in args.modalities and modality not in entries]
+    if missing and not args.evaluate_only:
+        raise SystemExit(f"--modalities {' '.join(args.modalities)}: {REGISTRY} has no packaged {', '.join(missing)} model "
+                         "to keep; retrain it too")
     if not args.evaluate_only:
         chain = CHAINS[args.chain]
         shared = (train_stage(args, train_bids, "autoencoder", args.modalities[0], None)
